@@ -1,0 +1,47 @@
+"""Reading a task file (YAML or JSON) into a TaskSpec, with errors that name the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import ValidationError
+
+from .errors import TaskFileError
+from .task import TaskSpec
+
+
+def load_task_file(path: str | Path) -> TaskSpec:
+    """Parse and validate a task file; its ``workdir`` is made absolute relative to the file.
+
+    Raises TaskFileError (never a traceback for a user mistake).
+    """
+    path = Path(path)
+    shown = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise TaskFileError(shown, ["no such file"]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TaskFileError(shown, [f"cannot be read: {exc}"]) from None
+    try:
+        data = yaml.safe_load(text)  # JSON is a subset of YAML
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise TaskFileError(shown, [f"{where}not valid YAML: {problem}"]) from None
+    if not isinstance(data, dict):
+        raise TaskFileError(shown, ["the file must hold a mapping with at least a 'title'"])
+    workdir = Path(str(data.get("workdir", ".")))
+    if not workdir.is_absolute():
+        data["workdir"] = str((path.resolve().parent / workdir).resolve())
+    try:
+        return TaskSpec.model_validate(data)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors(include_url=False):
+            loc = ".".join(str(p) for p in err["loc"])
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{loc}: {msg}" if loc else msg)
+        raise TaskFileError(shown, problems) from None
