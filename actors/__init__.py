@@ -1,0 +1,19 @@
+"""Ray actors (planner, executor, verifier, resource manager) and their plain-Python cores."""
+
+from .executor import ExecutorCore
+from .hosts import HOSTS, AgentHost, ExecutorHost, PlannerHost, ResourceHost, VerifierHost
+from .planner import DeclarativePlanner, PlannerError
+from .pool import NAMESPACE, AgentPool, AgentStartError, agent_names
+from .resources import LeaseBook, LeaseRefused
+from .sandbox import ChildOutcome, ChildSpec, run_child
+from .verifier import VerifierCore
+
+__all__ = [
+    # cores
+    "DeclarativePlanner", "PlannerError", "ExecutorCore", "VerifierCore", "LeaseBook", "LeaseRefused",
+    # sandbox
+    "run_child", "ChildSpec", "ChildOutcome",
+    # Ray hosts
+    "AgentHost", "PlannerHost", "ExecutorHost", "VerifierHost", "ResourceHost", "HOSTS",
+    "AgentPool", "AgentStartError", "agent_names", "NAMESPACE",
+]

@@ -1,0 +1,239 @@
+"""Thin Ray actor hosts: each connects to NATS and serves its plain-Python core.
+
+A host does no domain work of its own. Its ``__init__`` starts the NATS subscription in
+the actor's event loop, so an actor that Ray restarts after a crash serves again
+without anyone calling it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import structlog
+
+from bus import Bus, subjects
+from bus.logs import configure_logging
+from schemas import (
+    Ack,
+    AgentSettings,
+    GateResults,
+    Lease,
+    LeaseEvent,
+    LeaseRelease,
+    LeaseRequest,
+    Plan,
+    PlanRequest,
+    ProgressEvent,
+    RequestRejected,
+    ResourceSnapshot,
+    SnapshotRequest,
+    TaskRef,
+    VerifyRequest,
+    WorkItemAssignment,
+    WorkItemResult,
+)
+
+from .executor import ExecutorCore
+from .planner import DeclarativePlanner, PlannerError
+from .resources import LeaseBook, LeaseRefused
+from .verifier import VerifierCore
+
+log = structlog.get_logger("hivebus.agent")
+
+
+def _node_id() -> str:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() or ""
+    except Exception:  # outside Ray (unit tests) there is no runtime context
+        return ""
+
+
+class AgentHost:
+    """Base of the four agent hosts: owns the bus connection and the start/stop protocol."""
+
+    role: ClassVar[str]
+
+    def __init__(self, settings: AgentSettings):
+        configure_logging(json=True)
+        self.settings = settings
+        self.agent_id = settings.agent_id
+        self.bus: Bus | None = None
+        self.log = log.bind(agent=self.agent_id)
+        self._started = asyncio.get_event_loop().create_task(self._start())
+
+    async def _start(self) -> None:
+        self.bus = await Bus.connect(self.settings.nats_url, name=self.agent_id)
+        await self.serve(self.bus)
+        self.log.info("agent serving", role=self.role, pid=os.getpid())
+
+    async def serve(self, bus: Bus) -> None:
+        raise NotImplementedError
+
+    async def ready(self) -> dict[str, Any]:
+        """Wait until the agent serves its subject; its identity for the caller."""
+        await self._started
+        return {"agent_id": self.agent_id, "role": self.role, "pid": os.getpid(), "node_id": _node_id()}
+
+    async def stop(self) -> None:
+        """Stop serving: drain the NATS connection."""
+        if self.bus is not None:
+            await self.bus.close()
+
+
+class PlannerHost(AgentHost):
+    role = "planner"
+
+    async def serve(self, bus: Bus) -> None:
+        self.core = DeclarativePlanner(agent_id=self.agent_id)
+        await bus.serve(subjects.PLANNER_PLAN, PlanRequest, self._plan, queue=subjects.PLANNERS)
+
+    async def _plan(self, request: PlanRequest) -> Plan:
+        try:
+            return await self.core.plan(request)
+        except PlannerError as exc:
+            raise RequestRejected(subjects.PLANNER_PLAN, "invalid", str(exc)) from None
+
+
+class ExecutorHost(AgentHost):
+    """Runs one work item at a time; a request that finds it busy is answered ``busy``."""
+
+    role = "executor"
+
+    async def serve(self, bus: Bus) -> None:
+        scratch = Path(self.settings.state_dir) / "scratch" / self.agent_id
+        scratch.mkdir(parents=True, exist_ok=True)
+        self.core = ExecutorCore(agent_id=self.agent_id, node_id=_node_id(),
+                                 default_timeout_s=self.settings.hive.default_timeout_s,
+                                 scratch_dir=str(scratch))
+        self._busy = False
+        await bus.serve(subjects.EXECUTOR_RUN, WorkItemAssignment, self._run, queue=subjects.EXECUTORS)
+        await bus.subscribe(subjects.EXECUTOR_CANCEL, TaskRef, self._cancel)
+
+    async def _run(self, assignment: WorkItemAssignment) -> WorkItemResult:
+        if self._busy:
+            raise RequestRejected(subjects.EXECUTOR_RUN, "busy", f"{self.agent_id} is running another item")
+        self._busy = True
+        assert self.bus is not None
+        try:
+            lease = await self._lease(assignment)
+            try:
+                await self.bus.publish(subjects.progress(assignment.task_id), ProgressEvent(
+                    task_id=assignment.task_id, iteration=assignment.iteration,
+                    kind="item_started", item_id=assignment.item.id,
+                    attempt=assignment.attempt, agent_id=self.agent_id,
+                ))
+                return await self.core.run(assignment)
+            finally:
+                await self.bus.request(subjects.RESOURCES_RELEASE,
+                                       LeaseRelease(lease_id=lease.lease_id), Ack)
+        finally:
+            self._busy = False
+
+    async def _lease(self, assignment: WorkItemAssignment) -> Lease:
+        assert self.bus is not None
+        pool = self.settings.pool
+        wait_s = (assignment.item.timeout_s or self.settings.hive.default_timeout_s) + 60
+        request = LeaseRequest(
+            agent_id=self.agent_id, task_id=assignment.task_id, item_id=assignment.item.id,
+            cpu=assignment.resources.cpu or pool.cpu,
+            memory_mb=assignment.resources.memory_mb or pool.memory_mb, wait_s=wait_s,
+        )
+        return await self.bus.request(subjects.RESOURCES_LEASE, request, Lease, timeout=wait_s + 5)
+
+    async def _cancel(self, ref: TaskRef) -> None:
+        killed = self.core.cancel(ref.task_id)
+        if killed:
+            self.log.info("canceled running items", task_id=ref.task_id, count=killed)
+
+
+class VerifierHost(AgentHost):
+    role = "verifier"
+
+    async def serve(self, bus: Bus) -> None:
+        self.core = VerifierCore(agent_id=self.agent_id,
+                                 default_timeout_s=self.settings.hive.default_timeout_s)
+        await bus.serve(subjects.VERIFIER_VERIFY, VerifyRequest, self._verify, queue=subjects.VERIFIERS)
+
+    async def _verify(self, request: VerifyRequest) -> GateResults:
+        return await self.core.verify(request)
+
+
+class ResourceHost(AgentHost):
+    """The resource manager: one per hive, the single writer of the lease book."""
+
+    role = "resources"
+
+    async def serve(self, bus: Bus) -> None:
+        hive, pool = self.settings.hive, self.settings.hive.executor
+        self._waiters: dict[int, asyncio.Future[Lease]] = {}
+        self.book = LeaseBook(total_cpu=hive.total_cpu, total_memory_mb=hive.total_memory_mb,
+                              agent_cpu=pool.cpu, agent_memory_mb=pool.memory_mb)
+        await bus.serve(subjects.RESOURCES_LEASE, LeaseRequest, self._lease, queue=subjects.RESOURCE_MANAGERS)
+        await bus.serve(subjects.RESOURCES_RELEASE, LeaseRelease, self._release, queue=subjects.RESOURCE_MANAGERS)
+        await bus.serve(subjects.RESOURCES_SNAPSHOT, SnapshotRequest, self._snapshot, queue=subjects.RESOURCE_MANAGERS)
+
+    async def _lease(self, request: LeaseRequest) -> Lease:
+        try:
+            lease, waiting = self.book.request(request)
+        except LeaseRefused as exc:
+            raise RequestRejected(subjects.RESOURCES_LEASE, "invalid", str(exc)) from None
+        if lease is None:
+            assert waiting is not None
+            granted = asyncio.get_running_loop().create_future()
+            self._waiters[id(waiting)] = granted
+            try:
+                lease = await asyncio.wait_for(granted, timeout=request.wait_s)
+            except asyncio.TimeoutError:
+                self.book.withdraw(waiting)
+                raise RequestRejected(subjects.RESOURCES_LEASE, "busy",
+                                      f"no room for {request.item_id!r} within {request.wait_s:g} s") from None
+            finally:
+                self._waiters.pop(id(waiting), None)
+        await self._announce("allocation", lease)
+        return lease
+
+    async def _release(self, release: LeaseRelease) -> Ack:
+        lease, granted = self.book.release(release.lease_id)
+        if lease is None:
+            return Ack(ok=False, message=f"no lease {release.lease_id!r}")
+        await self._announce("release", lease)
+        while granted:
+            waiting = granted.pop(0)
+            future = self._waiters.get(id(waiting))
+            if future is not None and not future.done():
+                future.set_result(waiting.granted)
+            elif waiting.granted is not None:  # the asker is gone: give the room back
+                granted += self.book.release(waiting.granted.lease_id)[1]
+        return Ack()
+
+    async def _snapshot(self, _: SnapshotRequest) -> ResourceSnapshot:
+        book = self.book
+        return ResourceSnapshot(
+            total_cpu=book.total_cpu, total_memory_mb=book.total_memory_mb,
+            agent_cpu=book.agent_cpu, agent_memory_mb=book.agent_memory_mb,
+            allocated_cpu=book.allocated_cpu, allocated_memory_mb=book.allocated_memory_mb,
+            leases=list(book.leases.values()), queued=len(book.queue),
+        )
+
+    async def _announce(self, kind: str, lease: Lease) -> None:
+        assert self.bus is not None
+        subject = subjects.allocation if kind == "allocation" else subjects.release
+        await self.bus.publish(subject(lease.agent_id), LeaseEvent(
+            kind=kind, lease=lease, allocated_cpu=self.book.allocated_cpu,  # type: ignore[arg-type]
+            allocated_memory_mb=self.book.allocated_memory_mb,
+        ))
+
+
+HOSTS: dict[str, type[AgentHost]] = {
+    "planner": PlannerHost,
+    "executor": ExecutorHost,
+    "verifier": VerifierHost,
+    "resources": ResourceHost,
+}
+
+__all__ = ["AgentHost", "PlannerHost", "ExecutorHost", "VerifierHost", "ResourceHost", "HOSTS"]

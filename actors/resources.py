@@ -1,0 +1,99 @@
+"""The resource manager's core: a lease book that never over-commits."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from schemas import HivebusError, Lease, LeaseRequest
+
+
+class LeaseRefused(HivebusError):
+    """A request that can never fit (above the per-agent limit)."""
+
+
+@dataclass
+class _Waiting:
+    request: LeaseRequest
+    since: float
+    granted: Lease | None = None
+
+
+@dataclass
+class LeaseBook:
+    """Admits leases against per-agent and total CPU and memory, FIFO, never over-committing.
+
+    ``request`` grants at once or queues; ``release`` returns the leases granted from
+    the queue as a consequence. A queued request is served before any later one, so a
+    large request is not starved by a stream of small ones.
+    """
+
+    total_cpu: float
+    total_memory_mb: int
+    agent_cpu: float
+    agent_memory_mb: int
+    leases: dict[str, Lease] = field(default_factory=dict)
+    queue: deque[_Waiting] = field(default_factory=deque)
+    _ids: itertools.count = field(default_factory=lambda: itertools.count(1))
+
+    @property
+    def allocated_cpu(self) -> float:
+        return sum(lease.cpu for lease in self.leases.values())
+
+    @property
+    def allocated_memory_mb(self) -> int:
+        return sum(lease.memory_mb for lease in self.leases.values())
+
+    def request(self, request: LeaseRequest) -> tuple[Lease | None, _Waiting | None]:
+        """A lease now, or the queue entry that will hold it once granted."""
+        if request.cpu > self.agent_cpu + 1e-9 or request.memory_mb > self.agent_memory_mb:
+            raise LeaseRefused(
+                f"work item {request.item_id!r} asks for {request.cpu:g} CPU and "
+                f"{request.memory_mb} MB; an agent may use at most {self.agent_cpu:g} CPU "
+                f"and {self.agent_memory_mb} MB"
+            )
+        if not self.queue and self._fits(request):
+            return self._grant(request, waited_s=0.0), None
+        waiting = _Waiting(request, time.monotonic())
+        self.queue.append(waiting)
+        return None, waiting
+
+    def release(self, lease_id: str) -> tuple[Lease | None, list[_Waiting]]:
+        """Return a lease; the queued requests that now fit are granted, in order."""
+        lease = self.leases.pop(lease_id, None)
+        granted: list[_Waiting] = []
+        while self.queue and self._fits(self.queue[0].request):
+            waiting = self.queue.popleft()
+            waiting.granted = self._grant(waiting.request, waited_s=time.monotonic() - waiting.since)
+            granted.append(waiting)
+        return lease, granted
+
+    def withdraw(self, waiting: _Waiting) -> None:
+        """A queued request whose asker gave up."""
+        try:
+            self.queue.remove(waiting)
+        except ValueError:
+            pass
+
+    def _fits(self, request: LeaseRequest) -> bool:
+        agent = [l for l in self.leases.values() if l.agent_id == request.agent_id]
+        return (
+            self.allocated_cpu + request.cpu <= self.total_cpu + 1e-9
+            and self.allocated_memory_mb + request.memory_mb <= self.total_memory_mb
+            and sum(l.cpu for l in agent) + request.cpu <= self.agent_cpu + 1e-9
+            and sum(l.memory_mb for l in agent) + request.memory_mb <= self.agent_memory_mb
+        )
+
+    def _grant(self, request: LeaseRequest, *, waited_s: float) -> Lease:
+        lease = Lease(
+            lease_id=f"lease-{next(self._ids)}", agent_id=request.agent_id,
+            task_id=request.task_id, item_id=request.item_id, cpu=request.cpu,
+            memory_mb=request.memory_mb, waited_s=round(waited_s, 4),
+        )
+        self.leases[lease.lease_id] = lease
+        return lease
+
+
+__all__ = ["LeaseBook", "LeaseRefused"]

@@ -1,0 +1,250 @@
+"""Typed request / publish / serve over NATS, JetStream events and the task KV bucket."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import nats
+import structlog
+from nats.aio.client import Client
+from nats.aio.msg import Msg
+from nats.errors import (
+    ConnectionClosedError,
+    MaxPayloadError,
+    NoRespondersError,
+    NoServersError,
+)
+from nats.errors import TimeoutError as NatsTimeout
+from nats.js.api import DeliverPolicy, StorageType, StreamConfig
+from nats.js.errors import BadRequestError, NotFoundError
+from nats.js.kv import KeyValue
+
+from schemas import (
+    CodecError,
+    DeadLetterEvent,
+    Message,
+    Rejected,
+    RequestRejected,
+    TransportError,
+)
+from schemas.codec import MSGPACK, content_type_of, encode, loads, validate
+
+from . import subjects
+
+log = structlog.get_logger("hivebus.bus")
+
+M = TypeVar("M", bound=Message)
+Handler = Callable[[Any], Awaitable[Message]]
+
+#: How long the audit stream keeps events (resource.usage samples would grow it forever).
+EVENTS_MAX_AGE_S = 7 * 24 * 3600
+
+
+class Bus:
+    """One NATS connection with the typed operations every hivebus process needs.
+
+    Create it with ``await Bus.connect(url, name=...)``; it reconnects on its own.
+    """
+
+    def __init__(self, nc: Client):
+        self.nc = nc
+        self.js = nc.jetstream()
+        self._handlers: set[asyncio.Task[None]] = set()
+
+    @classmethod
+    async def connect(cls, url: str, *, name: str, connect_timeout_s: float = 5.0) -> Bus:
+        async def on_error(exc: Exception) -> None:
+            log.warning("nats error", error=str(exc), client=name)
+
+        try:
+            nc = await nats.connect(
+                servers=[url],
+                name=name,
+                connect_timeout=connect_timeout_s,
+                allow_reconnect=True,
+                max_reconnect_attempts=-1,
+                reconnect_time_wait=0.25,
+                error_cb=on_error,
+                # Keep publishes made while the server restarts and send them after.
+                pending_size=64 * 1024 * 1024,
+            )
+        except (NoServersError, OSError, asyncio.TimeoutError) as exc:
+            raise TransportError(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from None
+        return cls(nc)
+
+    @property
+    def url(self) -> str:
+        server = self.nc.connected_url
+        return f"{server.scheme}://{server.hostname}:{server.port}" if server else ""
+
+    async def close(self) -> None:
+        for task in list(self._handlers):
+            task.cancel()
+        if not self.nc.is_closed:
+            try:
+                await self.nc.drain()
+            except (ConnectionClosedError, NatsTimeout, asyncio.TimeoutError):
+                await self.nc.close()
+
+    # -- requests -----------------------------------------------------------------
+
+    async def request(self, subject: str, message: Message, reply_type: type[M], *,
+                      timeout: float = 10.0) -> M:
+        """Send a request and return its typed reply; a Rejected reply raises RequestRejected."""
+        data, headers = encode(message)
+        try:
+            msg = await self.nc.request(subject, data, timeout=timeout, headers=headers)
+        except NoRespondersError:
+            raise TransportError(f"{subject}: nobody is serving this subject") from None
+        except (NatsTimeout, asyncio.TimeoutError):
+            raise TransportError(f"{subject}: no reply within {timeout:g} s") from None
+        except MaxPayloadError:
+            raise TransportError(f"{subject}: the message is larger than the server allows") from None
+        return decode_reply(subject, msg, reply_type)
+
+    async def serve(self, subject: str, request_type: type[Message], handler: Handler, *,
+                    queue: str = "", concurrent: bool = True) -> Any:
+        """Answer requests on ``subject`` (in ``queue`` group) with ``handler``'s typed reply.
+
+        Bad bytes and invalid bodies get a Rejected reply and a ``hivebus.deadletter``
+        event; a handler error gets a Rejected reply and a log line with the traceback.
+        With ``concurrent`` each request is handled in its own asyncio task, so a slow
+        one (a lease that waits) does not hold up the others.
+        """
+
+        async def on_msg(msg: Msg) -> None:
+            if concurrent:
+                task = asyncio.get_running_loop().create_task(self._answer(msg, request_type, handler))
+                self._handlers.add(task)
+                task.add_done_callback(self._handlers.discard)
+            else:
+                await self._answer(msg, request_type, handler)
+
+        return await self.nc.subscribe(subject, queue=queue, cb=on_msg)
+
+    async def _answer(self, msg: Msg, request_type: type[Message], handler: Handler) -> None:
+        ctype = content_type_of(msg.data, msg.headers)
+        try:
+            request = validate(loads(msg.data, ctype), request_type)
+        except CodecError as exc:
+            await self._reply(msg, exc.rejected(), ctype)
+            await self.dead_letter(msg.subject, exc.code, exc.message, msg.data)
+            return
+        try:
+            reply = await handler(request)
+        except RequestRejected as exc:
+            reply = Rejected(code=exc.code, message=exc.message)  # type: ignore[arg-type]
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # an agent must answer and stay up, whatever its handler did
+            log.exception("handler failed", subject=msg.subject)
+            reply = Rejected(code="internal_error", message=f"{msg.subject}: {type(exc).__name__}: {exc}")
+        await self._reply(msg, reply, ctype)
+
+    async def _reply(self, msg: Msg, reply: Message, content_type: str) -> None:
+        if not msg.reply:
+            return
+        data, headers = encode(reply, content_type)
+        try:
+            await self.nc.publish(msg.reply, data, headers=headers)
+        except (ConnectionClosedError, MaxPayloadError) as exc:
+            log.warning("reply not sent", subject=msg.subject, error=str(exc))
+
+    async def dead_letter(self, subject: str, code: str, message: str, data: bytes) -> None:
+        event = DeadLetterEvent(subject=subject, code=code, message=message, size=len(data),
+                                head=data[:64].hex())
+        await self.emit(subjects.DEADLETTER, event)
+
+    # -- events -------------------------------------------------------------------
+
+    async def publish(self, subject: str, event: Message) -> None:
+        """Publish an event and wait until the audit stream has stored it."""
+        data, headers = encode(event)
+        await self.js.publish(subject, data, headers=headers, timeout=10.0)
+
+    async def emit(self, subject: str, event: Message) -> None:
+        """Publish an event without waiting for the stream (high-rate samples)."""
+        data, headers = encode(event)
+        await self.nc.publish(subject, data, headers=headers)
+
+    async def subscribe(self, subject: str, event_type: type[M],
+                        callback: Callable[[M], Awaitable[None]], *, queue: str = "") -> Any:
+        """Live events on ``subject`` as typed messages (undecodable ones are logged and skipped)."""
+
+        async def on_msg(msg: Msg) -> None:
+            try:
+                event = decode_message(msg, event_type)
+            except CodecError as exc:
+                log.warning("undecodable event", subject=msg.subject, error=exc.message)
+                return
+            await callback(event)
+
+        return await self.nc.subscribe(subject, queue=queue, cb=on_msg)
+
+    async def history(self, filter_subject: str, *, idle_s: float = 1.0) -> AsyncIterator[tuple[str, bytes, dict[str, str] | None]]:
+        """Every stored event matching ``filter_subject``, oldest first, up to now."""
+        sub = await self.js.subscribe(
+            filter_subject, stream=subjects.EVENTS_STREAM, ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL,
+        )
+        try:
+            info = await sub.consumer_info()
+            if info.num_pending == 0 and info.delivered.stream_seq == 0:
+                return
+            while True:
+                try:
+                    msg = await sub.next_msg(timeout=idle_s)
+                except (NatsTimeout, asyncio.TimeoutError):
+                    return
+                yield msg.subject, msg.data, msg.headers
+                if msg.metadata.num_pending == 0:
+                    return
+        finally:
+            await sub.unsubscribe()
+
+    # -- JetStream setup ----------------------------------------------------------
+
+    async def ensure_streams(self) -> None:
+        """Create (or update) the events stream on file storage."""
+        config = StreamConfig(
+            name=subjects.EVENTS_STREAM,
+            subjects=subjects.EVENT_SUBJECTS,
+            storage=StorageType.FILE,
+            max_age=EVENTS_MAX_AGE_S,
+        )
+        try:
+            await self.js.add_stream(config)
+        except BadRequestError:
+            await self.js.update_stream(config)
+
+    async def tasks_bucket(self) -> KeyValue:
+        try:
+            return await self.js.key_value(subjects.TASKS_BUCKET)
+        except NotFoundError:
+            return await self.js.create_key_value(
+                bucket=subjects.TASKS_BUCKET, storage=StorageType.FILE, history=1,
+                description="hivebus task records, one key per task id",
+            )
+
+
+def decode_message(msg: Msg, into: type[M]) -> M:
+    return validate(loads(msg.data, content_type_of(msg.data, msg.headers)), into)
+
+
+def decode_reply(subject: str, msg: Msg, reply_type: type[M]) -> M:
+    try:
+        obj = loads(msg.data, content_type_of(msg.data, msg.headers))
+    except CodecError as exc:
+        raise TransportError(f"{subject}: undecodable reply: {exc.message}") from None
+    if isinstance(obj, dict) and obj.get("type") == "Rejected":
+        rejected = validate(obj, Rejected)
+        raise RequestRejected(subject, rejected.code, rejected.message)
+    try:
+        return validate(obj, reply_type)
+    except CodecError as exc:
+        raise TransportError(f"{subject}: unexpected reply: {exc.message}") from None
+
+
+__all__ = ["Bus", "decode_message", "decode_reply", "MSGPACK"]

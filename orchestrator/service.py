@@ -1,0 +1,575 @@
+"""The orchestrator: serves ``task.*`` and drives each task through plan -> execute -> verify.
+
+Decisions are made by the pure state machine (``machine``) and DAG scheduler
+(``scheduler``); this module does the I/O around them: records in the ``hivebus_tasks``
+bucket, events on NATS, requests to agents, artifacts on disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import secrets
+import time
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import structlog
+
+from nats.js.errors import NotFoundError
+
+from bus import Bus, subjects
+from schemas import (
+    MESSAGE_TYPES,
+    PRIORITY_RANK,
+    CompletionEvent,
+    ExitReason,
+    GateOutcome,
+    GateResult,
+    GateResults,
+    HiveConfig,
+    ItemOutcome,
+    IterationRecord,
+    LifecycleEvent,
+    Plan,
+    PlanRequest,
+    ProgressEvent,
+    ReportEvent,
+    RequestRejected,
+    ResourceSpec,
+    TaskAccepted,
+    TaskList,
+    TaskQuery,
+    TaskRecord,
+    TaskRef,
+    TaskSpec,
+    TaskState,
+    TransportError,
+    VerifyRequest,
+    WorkItemAssignment,
+    WorkItemResult,
+    WorkItemSpec,
+    dag_problems,
+    encode,
+    utcnow,
+)
+from schemas.codec import CodecError, content_type_of, decode, loads
+
+from .artifacts import TaskArtifacts
+from .machine import enter_stage, failure_context, fingerprint, judge_iteration, transition
+from .report import render_markdown, report_data
+from .scheduler import Scheduler
+from .validation import limit_problems, task_problems
+
+log = structlog.get_logger("hivebus.orchestrator")
+
+#: Extra seconds a dispatch waits beyond the item's own timeout (lease wait, overhead).
+DISPATCH_SLACK_S = 60.0
+#: How long dispatch keeps trying while no executor serves the subject at all.
+NO_EXECUTOR_PATIENCE_S = 120.0
+
+
+class TaskEnded(Exception):
+    """Raised inside a task's loop to end it with a terminal state (control flow)."""
+
+    def __init__(self, state: TaskState, exit_reason: ExitReason, message: str):
+        super().__init__(message)
+        self.state, self.exit_reason, self.message = state, exit_reason, message
+
+
+def new_task_id() -> str:
+    return f"t-{int(time.time() * 1000):x}-{secrets.token_hex(3)}"
+
+
+@dataclass
+class _Batch:
+    """The work items of one iteration of one task, while they run."""
+
+    task_id: str
+    plan: Plan
+    record: TaskRecord
+    done: asyncio.Future[None]
+    results: dict[str, WorkItemResult] = field(default_factory=dict)
+
+
+@dataclass
+class _Task:
+    record: TaskRecord
+    artifacts: TaskArtifacts
+    loop: asyncio.Task[None] | None = None
+    cancel_requested: bool = False
+    results: list[WorkItemResult] = field(default_factory=list)
+
+
+class Orchestrator:
+    """Owns every task of a hive. One per hive; agents are reached only through NATS."""
+
+    def __init__(self, *, bus: Bus, config: HiveConfig, state_dir: Path,
+                 workdir_root: Path | None = None):
+        self.bus = bus
+        self.config = config
+        self.state_dir = state_dir
+        self.artifacts_root = state_dir / "artifacts"
+        self.workdir_root = workdir_root or Path.cwd()
+        self.tasks: dict[str, _Task] = {}
+        self.scheduler = Scheduler()
+        self.capacity = config.executor.replicas
+        self.in_flight = 0
+        self._batches: dict[Hashable, _Batch] = {}
+        self._wake = asyncio.Event()
+        self._pump: asyncio.Task[None] | None = None
+        self._kv = None
+        self._subs: list[object] = []
+
+    # -- lifecycle of the service -------------------------------------------------
+
+    async def start(self) -> None:
+        await self.bus.ensure_streams()
+        self._kv = await self.bus.tasks_bucket()
+        self.artifacts_root.mkdir(parents=True, exist_ok=True)
+        q = subjects.ORCHESTRATORS
+        self._subs += [
+            await self.bus.serve(subjects.TASK_SUBMIT, TaskSpec, self._on_submit, queue=q),
+            await self.bus.serve(subjects.TASK_GET, TaskRef, self._on_get, queue=q),
+            await self.bus.serve(subjects.TASK_LIST, TaskQuery, self._on_list, queue=q),
+            await self.bus.serve(subjects.TASK_CANCEL, TaskRef, self._on_cancel, queue=q),
+            await self.bus.serve(subjects.TASK_APPROVE, TaskRef, self._on_approve, queue=q),
+        ]
+        self._pump = asyncio.get_running_loop().create_task(self._dispatch_loop())
+
+    async def stop(self) -> None:
+        """Stop serving and abandon running loops (their records stay as they are)."""
+        for sub in self._subs:
+            await sub.unsubscribe()  # type: ignore[attr-defined]
+        self._subs.clear()
+        loops = [t.loop for t in self.tasks.values() if t.loop and not t.loop.done()]
+        for task in loops + ([self._pump] if self._pump else []):
+            task.cancel()
+        await asyncio.gather(*loops, return_exceptions=True)
+
+    # -- task.* requests ----------------------------------------------------------
+
+    async def _on_submit(self, spec: TaskSpec) -> TaskAccepted:
+        record = await self.submit(spec)
+        return TaskAccepted(task_id=record.task_id, state=record.state)
+
+    async def _on_get(self, ref: TaskRef) -> TaskRecord:
+        return await self.get(ref.task_id)
+
+    async def _on_list(self, query: TaskQuery) -> TaskList:
+        records = [t.record for t in self.tasks.values()]
+        if query.state is not None:
+            records = [r for r in records if r.state == query.state]
+        return TaskList(tasks=sorted(records, key=lambda r: r.created_at))
+
+    async def _on_cancel(self, ref: TaskRef) -> TaskRecord:
+        return await self.cancel(ref.task_id)
+
+    async def _on_approve(self, ref: TaskRef) -> TaskRecord:
+        return await self.approve(ref.task_id)
+
+    # -- the API behind them ------------------------------------------------------
+
+    async def submit(self, spec: TaskSpec) -> TaskRecord:
+        """Accept a task: validated, recorded durably, queued (or left DRAFT for approval)."""
+        problems = task_problems(spec, self.config)
+        if problems:
+            raise RequestRejected(subjects.TASK_SUBMIT, "invalid", "; ".join(problems))
+        task_id = new_task_id()
+        workdir = Path(spec.workdir)
+        if not workdir.is_absolute():
+            workdir = (self.workdir_root / workdir).resolve()
+        now = utcnow()
+        deadlines = [d for d in (
+            now + timedelta(seconds=spec.timeout_s) if spec.timeout_s else None,
+            spec.deadline,
+        ) if d is not None]
+        artifacts = TaskArtifacts(self.artifacts_root, task_id)
+        record = TaskRecord(
+            task_id=task_id, spec=spec, workdir=str(workdir), created_at=now, updated_at=now,
+            deadline_at=min(deadlines) if deadlines else None,
+            artifacts_dir=str(artifacts.dir),
+        )
+        task = _Task(record=record, artifacts=artifacts)
+        self.tasks[task_id] = task
+        await self._save(task, record)
+        await self._announce(record)
+        if spec.run_mode == "autonomous":
+            await self._queue(task)
+        else:
+            self._watch_approval_deadline(task)
+        log.info("task accepted", task_id=task_id, title=spec.title, state=task.record.state.value)
+        return task.record
+
+    async def get(self, task_id: str) -> TaskRecord:
+        task = self.tasks.get(task_id)
+        if task is not None:
+            return task.record
+        if self._kv is not None:
+            try:
+                entry = await self._kv.get(task_id)
+            except NotFoundError:
+                pass
+            else:
+                return decode(entry.value or b"", TaskRecord)
+        raise RequestRejected(subjects.TASK_GET, "unknown_task", f"no task {task_id!r}")
+
+    async def cancel(self, task_id: str) -> TaskRecord:
+        task = self._known(task_id, subjects.TASK_CANCEL)
+        if task.record.state.terminal:
+            return task.record
+        task.cancel_requested = True
+        if task.loop is not None and not task.loop.done():
+            task.loop.cancel()
+            await asyncio.wait({task.loop}, timeout=10)
+        else:
+            await self._finish(task, TaskState.CANCELED, "canceled", "canceled before it started")
+        return task.record
+
+    async def approve(self, task_id: str) -> TaskRecord:
+        task = self._known(task_id, subjects.TASK_APPROVE)
+        state = task.record.state
+        if state == TaskState.DRAFT:
+            await self._queue(task)
+        elif state.terminal:
+            raise RequestRejected(subjects.TASK_APPROVE, "conflict",
+                                  f"task {task_id} already ended ({state.value})")
+        return task.record
+
+    def _known(self, task_id: str, subject: str) -> _Task:
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise RequestRejected(subject, "unknown_task", f"no task {task_id!r}")
+        return task
+
+    async def wait(self, task_id: str) -> TaskRecord:
+        """In-process wait for a task's end (the Hive API uses NATS instead)."""
+        task = self.tasks[task_id]
+        if task.loop is not None:
+            await asyncio.wait({task.loop})
+        return task.record
+
+    # -- records and events -------------------------------------------------------
+
+    async def _save(self, task: _Task, record: TaskRecord, *, announce: bool = True) -> None:
+        changed = (record.state, record.stage, record.iteration) != (
+            task.record.state, task.record.stage, task.record.iteration)
+        task.record = record
+        data, _ = encode(record)
+        assert self._kv is not None
+        await self._kv.put(record.task_id, data)
+        if announce and changed:
+            await self._announce(record)
+
+    async def _announce(self, record: TaskRecord) -> None:
+        await self.bus.publish(subjects.lifecycle(record.task_id), LifecycleEvent(
+            task_id=record.task_id, state=record.state, stage=record.stage,
+            iteration=record.iteration, exit_reason=record.exit_reason, message=record.message,
+        ))
+
+    async def _queue(self, task: _Task) -> None:
+        now = utcnow()
+        record = transition(task.record, TaskState.APPROVED, now=now)
+        await self._save(task, record)
+        await self._save(task, transition(record, TaskState.QUEUED, now=now))
+        task.loop = asyncio.get_running_loop().create_task(self._drive(task))
+
+    def _watch_approval_deadline(self, task: _Task) -> None:
+        deadline = task.record.deadline_at
+        if deadline is None:
+            return
+
+        async def expire() -> None:
+            await asyncio.sleep(max(0.0, (deadline - utcnow()).total_seconds()))
+            if task.record.state == TaskState.DRAFT:
+                await self._finish(task, TaskState.BLOCKED, "approval_required",
+                                   "the task was not approved before its deadline")
+
+        task.loop = asyncio.get_running_loop().create_task(expire())
+
+    # -- one task's loop ----------------------------------------------------------
+
+    async def _drive(self, task: _Task) -> None:
+        log_ = log.bind(task_id=task.record.task_id)
+        try:
+            deadline = task.record.deadline_at
+            when = None
+            if deadline is not None:
+                when = asyncio.get_running_loop().time() + (deadline - utcnow()).total_seconds()
+            async with asyncio.timeout_at(when):
+                await self._iterate(task)
+        except TaskEnded as end:
+            await self._finish(task, end.state, end.exit_reason, end.message)
+        except TimeoutError:
+            await self._stop_children(task)
+            await self._finish(task, TaskState.FAILED, "deadline_exceeded",
+                               f"the task passed its deadline ({task.record.deadline_at:%Y-%m-%d %H:%M:%S} UTC); "
+                               "running work items were killed")
+        except asyncio.CancelledError:
+            await self._stop_children(task)
+            if task.cancel_requested:
+                await self._finish(task, TaskState.CANCELED, "canceled", "canceled on request")
+            raise
+        except Exception as exc:  # the task must end with a reason, whatever broke
+            log_.exception("task loop failed")
+            await self._finish(task, TaskState.FAILED, "internal_error",
+                               f"hivebus failed while running the task: {type(exc).__name__}: {exc}")
+
+    async def _iterate(self, task: _Task) -> None:
+        spec = task.record.spec
+        now = utcnow()
+        await self._save(task, transition(task.record, TaskState.RUNNING, now=now, stage="planning"))
+        previous_fp: str | None = None
+        failure = None
+        for iteration in itertools.count(1):
+            await self._save(task, enter_stage(task.record, "planning", now=utcnow(), iteration=iteration))
+            iteration_record = IterationRecord(iteration=iteration)
+            plan = await self._plan(task, iteration, failure)
+            task.artifacts.add_plan(plan)
+
+            await self._save(task, enter_stage(task.record, "executing", now=utcnow()))
+            results = await self._execute(task, plan)
+            item_results = list(results.values())
+            failed = [r for r in item_results if r.status not in ("succeeded", "skipped")]
+
+            gate_results: list[GateResult] | None = None
+            if not failed:
+                gate_results = []
+                if spec.gates:
+                    await self._save(task, enter_stage(task.record, "verifying", now=utcnow()))
+                    gate_results = await self._verify(task, iteration)
+                    task.artifacts.add_gates(gate_results)
+
+            verdict = judge_iteration(
+                iteration=iteration, max_iterations=spec.max_iterations,
+                item_results=item_results, gate_results=gate_results,
+                previous_fingerprint=previous_fp, can_replan=bool(spec.on_gate_failure),
+            )
+            current_fp = fingerprint(item_results, gate_results or [])
+            iteration_record = iteration_record.model_copy(update={
+                "items": [self._outcome(task, r) for r in item_results],
+                "gates": [GateOutcome(name=g.gate, passed=g.passed, duration_s=g.duration_s,
+                                      exit_code=g.exit_code) for g in gate_results or []],
+                "fingerprint": current_fp, "finished_at": utcnow(),
+            })
+            await self._save(task, task.record.model_copy(update={
+                "iterations": [*task.record.iterations, iteration_record]}), announce=False)
+            if verdict.action == "succeed":
+                raise TaskEnded(TaskState.SUCCEEDED, "done", verdict.message)
+            if verdict.action == "fail":
+                assert verdict.exit_reason is not None
+                state = TaskState.CANCELED if verdict.exit_reason == "canceled" else TaskState.FAILED
+                raise TaskEnded(state, verdict.exit_reason, verdict.message)
+            previous_fp = current_fp
+            failure = failure_context(task.record.task_id, iteration, item_results, gate_results or [])
+
+    @staticmethod
+    def _outcome(task: _Task, result: WorkItemResult) -> ItemOutcome:
+        attempts = len(task.artifacts.attempts.get(result.item_id, [])) or result.attempt
+        return ItemOutcome(id=result.item_id, status=result.status, attempts=attempts,
+                           exit_code=result.exit_code, duration_s=result.duration_s,
+                           peak_rss_mb=result.peak_rss_mb, cpu_seconds=result.cpu_seconds,
+                           agent_id=result.agent_id)
+
+    async def _plan(self, task: _Task, iteration: int, failure: object) -> Plan:
+        record = task.record
+        request = PlanRequest(task_id=record.task_id, iteration=iteration, spec=record.spec,
+                              failure=failure)  # type: ignore[arg-type]
+        try:
+            plan = await self.bus.request(subjects.PLANNER_PLAN, request, Plan, timeout=120)
+        except (RequestRejected, TransportError) as exc:
+            raise TaskEnded(TaskState.FAILED, "planner_error", f"planning failed: {exc}") from None
+        # A plan is checked like a task file, whoever made it.
+        problems = dag_problems(plan.items, field="plan") + limit_problems(plan.items, self.config, field="plan")
+        if problems:
+            raise TaskEnded(TaskState.FAILED, "planner_error",
+                            "the plan was refused: " + "; ".join(problems))
+        return plan
+
+    async def _verify(self, task: _Task, iteration: int) -> list[GateResult]:
+        record = task.record
+        request = VerifyRequest(task_id=record.task_id, iteration=iteration,
+                                workdir=record.workdir, env=record.spec.env, gates=record.spec.gates)
+        timeout = sum(g.timeout_s or self.config.default_timeout_s for g in record.spec.gates) + DISPATCH_SLACK_S
+        for gate in record.spec.gates:
+            await self._progress(task, iteration, "gate_started", gate=gate.name)
+        try:
+            reply = await self.bus.request(subjects.VERIFIER_VERIFY, request, GateResults, timeout=timeout)
+        except (RequestRejected, TransportError) as exc:
+            raise TaskEnded(TaskState.FAILED, "internal_error", f"verification failed: {exc}") from None
+        for result in reply.results:
+            await self._progress(task, iteration, "gate_finished", gate=result.gate,
+                                 status="passed" if result.passed else "failed",
+                                 duration_s=result.duration_s, agent_id=result.agent_id)
+        return reply.results
+
+    async def _progress(self, task: _Task, iteration: int, kind: str, **fields: object) -> None:
+        await self.bus.publish(subjects.progress(task.record.task_id), ProgressEvent(
+            task_id=task.record.task_id, iteration=iteration, kind=kind, **fields))  # type: ignore[arg-type]
+
+    # -- executing: the dispatcher shared by every task ---------------------------
+
+    async def _execute(self, task: _Task, plan: Plan) -> dict[str, WorkItemResult]:
+        if not plan.items:
+            return {}
+        key = (task.record.task_id, plan.iteration)
+        batch = _Batch(task_id=task.record.task_id, plan=plan, record=task.record,
+                       done=asyncio.get_running_loop().create_future())
+        self.scheduler.add(key, plan.items, priority=PRIORITY_RANK[task.record.spec.priority])
+        self._batches[key] = batch
+        self._wake.set()
+        try:
+            await batch.done
+        finally:
+            self._batches.pop(key, None)
+            if key in self.scheduler:
+                self.scheduler.drop(key)
+        return {item.id: batch.results[item.id] for item in plan.items}
+
+    async def _dispatch_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            free = self.capacity - self.in_flight
+            if free <= 0:
+                continue
+            for ready in self.scheduler.take(free):
+                self.in_flight += 1
+                asyncio.get_running_loop().create_task(self._dispatch(ready.key, ready.item))
+
+    async def _dispatch(self, key: Hashable, item: WorkItemSpec) -> None:
+        try:
+            batch = self._batches.get(key)
+            if batch is None:
+                return
+            result = await self._attempts(batch, item)
+        finally:
+            self.in_flight -= 1
+            self._wake.set()
+        if self._batches.get(key) is not batch:
+            return  # the task ended (canceled, deadline) while the item ran
+        task = self.tasks[batch.task_id]
+        batch.results[item.id] = result
+        task.results.append(result)
+        total = len(batch.plan.items)
+        await self._progress(task, batch.plan.iteration, "item_finished", item_id=item.id,
+                             status=result.status, attempt=result.attempt, agent_id=result.agent_id,
+                             duration_s=result.duration_s, done=len(batch.results), total=total)
+        for skipped_id in self.scheduler.finish(key, item.id, ok=result.ok):
+            skipped = WorkItemResult(task_id=batch.task_id, iteration=batch.plan.iteration,
+                                     item_id=skipped_id, status="skipped",
+                                     error=f"skipped: a dependency of {skipped_id!r} did not succeed")
+            batch.results[skipped_id] = skipped
+            task.artifacts.add_result(skipped)
+            await self._progress(task, batch.plan.iteration, "item_finished", item_id=skipped_id,
+                                 status="skipped", done=len(batch.results), total=total)
+        if self.scheduler.batch_done(key) and not batch.done.done():
+            batch.done.set_result(None)
+        self._wake.set()  # dependents may be ready now
+
+    async def _attempts(self, batch: _Batch, item: WorkItemSpec) -> WorkItemResult:
+        task = self.tasks[batch.task_id]
+        record = batch.record
+        pool = self.config.executor
+        resources = ResourceSpec(
+            cpu=item.resources.cpu or pool.cpu, memory_mb=item.resources.memory_mb or pool.memory_mb,
+            cpu_seconds=item.resources.cpu_seconds, max_procs=item.resources.max_procs,
+        )
+        result: WorkItemResult | None = None
+        for attempt in range(1, item.retries + 2):
+            assignment = WorkItemAssignment(
+                task_id=batch.task_id, iteration=batch.plan.iteration, attempt=attempt, item=item,
+                workdir=record.workdir, env={**record.spec.env, **item.env}, resources=resources,
+                failure=batch.plan.failure,
+            )
+            kind = "item_queued" if attempt == 1 else "item_retried"
+            await self._progress(task, batch.plan.iteration, kind, item_id=item.id, attempt=attempt,
+                                 done=len(batch.results), total=len(batch.plan.items))
+            result = await self._send(assignment)
+            task.artifacts.add_result(result)
+            if result.ok or result.status in ("canceled", "resource_limit"):
+                break
+        assert result is not None
+        return result
+
+    async def _send(self, assignment: WorkItemAssignment) -> WorkItemResult:
+        """One attempt on whichever executor is free; ``busy`` replies are retried at once."""
+        item_timeout = assignment.item.timeout_s or self.config.default_timeout_s
+        timeout = 2 * item_timeout + DISPATCH_SLACK_S
+        backoff = 0.001
+        patience = time.monotonic() + NO_EXECUTOR_PATIENCE_S
+        while True:
+            try:
+                return await self.bus.request(subjects.EXECUTOR_RUN, assignment, WorkItemResult,
+                                              timeout=timeout)
+            except RequestRejected as exc:
+                if exc.code != "busy":
+                    return self._error_result(assignment, exc.message)
+            except TransportError as exc:
+                if "nobody is serving" not in str(exc) or time.monotonic() > patience:
+                    return self._error_result(assignment, str(exc))
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 0.05)
+
+    @staticmethod
+    def _error_result(assignment: WorkItemAssignment, message: str) -> WorkItemResult:
+        return WorkItemResult(task_id=assignment.task_id, iteration=assignment.iteration,
+                              item_id=assignment.item.id, attempt=assignment.attempt,
+                              status="error", error=message)
+
+    async def _stop_children(self, task: _Task) -> None:
+        """Tell every executor to kill this task's running children, and forget its batches."""
+        task_id = task.record.task_id
+        for key in [k for k in self._batches if k[0] == task_id]:  # type: ignore[index]
+            batch = self._batches.pop(key)
+            self.scheduler.drop(key)
+            if not batch.done.done():
+                batch.done.cancel()
+        await self.bus.emit(subjects.EXECUTOR_CANCEL, TaskRef(task_id=task_id))
+
+    # -- the end of a task ------------------------------------------------------
+
+    async def _finish(self, task: _Task, state: TaskState, exit_reason: ExitReason, message: str) -> None:
+        """Terminal record, artifacts, report, audit trail; the completion event comes last."""
+        if task.record.state.terminal:
+            return
+        record = transition(task.record, state, now=utcnow(), exit_reason=exit_reason, message=message)
+        artifacts = task.artifacts
+        artifacts.ensure_all()
+        data = report_data(record, list(artifacts.latest.values()))
+        report_json, report_md = artifacts.path("report.json"), artifacts.path("report.md")
+        report_json.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        report_md.write_text(render_markdown(data), encoding="utf-8")
+        record = record.model_copy(update={"report_path": str(report_md)})
+        await self._save(task, record)
+        await self.bus.publish(subjects.report("generation", record.task_id), ReportEvent(
+            task_id=record.task_id, kind="generation", path=str(report_md), formats=["md", "json"]))
+        duration = (record.finished_at - (record.started_at or record.created_at)).total_seconds()  # type: ignore[operator]
+        completion = CompletionEvent(
+            task_id=record.task_id, state=record.state, exit_reason=exit_reason,
+            iterations=record.iteration, duration_s=round(duration, 3), message=message,
+            report_path=str(report_md),
+        )
+        lines = [line async for line in self._audit_lines(record.task_id)]
+        subject = subjects.completion(record.task_id)
+        lines.append(json.dumps({"subject": subject, **completion.model_dump(mode="json")},
+                                separators=(",", ":")))
+        artifacts.write_events(lines)
+        await self.bus.publish(subject, completion)
+        log.info("task ended", task_id=record.task_id, state=state.value, exit_reason=exit_reason)
+
+    async def _audit_lines(self, task_id: str):  # type: ignore[no-untyped-def]
+        """The task's events as stored in HIVEBUS_EVENTS, one JSON line each, oldest first."""
+        async for subject, data, headers in self.bus.history(subjects.task_events(task_id)):
+            try:
+                body = loads(data, content_type_of(data, headers))
+            except CodecError:
+                continue
+            if isinstance(body, dict) and body.get("type") in MESSAGE_TYPES:
+                yield json.dumps({"subject": subject, **body}, separators=(",", ":"))
+
+
+__all__ = ["Orchestrator", "new_task_id"]
