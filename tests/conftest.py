@@ -1,0 +1,124 @@
+"""Session fixtures: one real nats-server and one local Ray (in one hive) per test session."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from bus import EmbeddedNats
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "examples"
+
+
+@pytest.fixture(scope="session")
+def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("hivebus-state")
+
+
+@pytest.fixture(scope="session")
+def nats_server(state_dir: Path) -> Iterator[EmbeddedNats]:
+    server = EmbeddedNats(state_dir / "nats")
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def hive(nats_server: EmbeddedNats, state_dir: Path):  # type: ignore[no-untyped-def]
+    """A hive with two executors on the session's nats-server and a local Ray."""
+    from orchestrator import Hive
+
+    running = Hive.start(nats_url=nats_server.url, state_dir=state_dir)
+    try:
+        yield running
+    finally:
+        running.close()
+
+
+# -- subprocesses of the CLI, and what they leave behind ---------------------------------
+
+MARK = "HIVEBUS_TEST_MARK"
+
+
+class Cli:
+    """A ``hivebus`` subprocess whose every descendant carries a unique env marker."""
+
+    def __init__(self, args: list[str], *, cwd: Path, env: dict[str, str] | None = None):
+        self.mark = uuid.uuid4().hex
+        full_env = {**os.environ, **(env or {}), MARK: self.mark, "PYTHONUNBUFFERED": "1"}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator.cli", *args], cwd=cwd, env=full_env,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+
+    def wait_for_line(self, needle: str, *, timeout: float = 120.0) -> list[str]:
+        """Read stdout until a line containing ``needle``; the lines read so far."""
+        assert self.proc.stdout is not None
+        lines: list[str] = []
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stdout.readline()
+            if not line:
+                break
+            lines.append(line)
+            if needle in line:
+                return lines
+        raise AssertionError(f"{needle!r} never appeared; stdout so far:\n{''.join(lines)}"
+                             f"\nstderr:\n{self.stderr_if_done()}")
+
+    def stderr_if_done(self) -> str:
+        if self.proc.poll() is None or self.proc.stderr is None:
+            return "(still running)"
+        return self.proc.stderr.read()
+
+    def finish(self, timeout: float = 120.0) -> tuple[int, str, str]:
+        out, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, out, err
+
+    def leftovers(self) -> list[str]:
+        """Live processes that inherited this run's marker (zombies are already dead)."""
+        found = []
+        for proc in psutil.process_iter(["pid", "name", "status"]):
+            if proc.info["status"] == psutil.STATUS_ZOMBIE or proc.pid == os.getpid():
+                continue
+            try:
+                if proc.environ().get(MARK) == self.mark:
+                    found.append(f"{proc.pid} {proc.info['name']} {' '.join(proc.cmdline())[:120]}")
+            except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+                continue
+        return found
+
+    def kill_everything(self) -> None:
+        """Last resort after a failed test: no process of this run outlives the session."""
+        for proc in psutil.process_iter():
+            try:
+                if proc.environ().get(MARK) == self.mark:
+                    proc.send_signal(signal.SIGKILL)
+            except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+                continue
+
+
+@pytest.fixture
+def cli(tmp_path: Path) -> Iterator[list[Cli]]:
+    """Start CLI subprocesses with ``cli.append(Cli([...], cwd=...))``; all are killed at the end."""
+    started: list[Cli] = []
+    try:
+        yield started
+    finally:
+        for run in started:
+            if run.proc.poll() is None:
+                run.proc.kill()
+                run.proc.wait()
+            run.kill_everything()
