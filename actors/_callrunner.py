@@ -1,4 +1,4 @@
-"""``python -m actors._callrunner pkg.module:function``: call a function in a child process.
+"""``python actors/_callrunner.py pkg.module:function``: call a function in a child process.
 
 Keyword arguments come as a JSON object on stdin; the return value goes as JSON to the
 file named by ``$HIVEBUS_CALL_OUTPUT`` (stdout when unset). Exit codes: 0 returned,
@@ -40,7 +40,7 @@ def _resolve(target: str) -> Any:
     except AttributeError:
         raise _BadTarget(f"module {module_name!r} has no attribute {attr!r}") from None
     if not callable(func):
-        raise _BadTarget(f"{target} is a {type(func).__name__}, not a callable")
+        raise _BadTarget(f"{target} is not callable (it is {type(func).__name__!r})")
     return func
 
 
@@ -78,9 +78,11 @@ def _write(result: Any) -> None:
 def main(argv: list[str]) -> int:
     """Run the call; returns the process exit code."""
     if len(argv) != 1:
-        print("usage: python -m actors._callrunner package.module:function", file=sys.stderr)
+        print("usage: _callrunner.py package.module:function", file=sys.stderr)
         return 2
     cwd = os.getcwd()
+    if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+        del sys.path[0]  # run as a file: our own folder would shadow the task's modules
     if sys.path[:1] != [cwd]:
         sys.path.insert(0, cwd)  # a task's own modules import ahead of installed ones
     try:

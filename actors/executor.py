@@ -28,7 +28,8 @@ from .sandbox import (
 #: Lines of output that summarise a test run: pytest, unittest, cargo, jest/vitest.
 _TEST_SUMMARY = (
     re.compile(
-        r"\b\d+ (?:passed|failed|errors?|skipped|xfailed|xpassed|deselected)\b.*\bin \d+(?:\.\d+)?s\b"
+        r"\b\d+ (?:passed|failed|errors?|skipped|xfailed|xpassed|deselected)\b"
+        r".*\bin \d+(?:\.\d+)?s\b"
     ),
     re.compile(r"^Ran \d+ tests? in "),
     re.compile(r"^test result: (?:ok|FAILED)\. \d+ passed"),

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -22,11 +24,11 @@ from schemas.work import TAIL_CHARS
 #: be found and killed; Jenkins' ProcessTreeKiller uses the same trick.
 MARKER_ENV = "HIVEBUS_SANDBOX_TOKEN"
 
-_READ_CHUNK = 64 * 1024
 _MB = 1024 * 1024
 _SKIP_DIRS = frozenset({".git", "__pycache__", ".hivebus", "node_modules", ".venv"})
 #: How long to wait for killed processes to die and for the pipes to reach EOF.
 _SETTLE_S = 5.0
+_CALLRUNNER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_callrunner.py")
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,9 @@ def shell_argv(command: str) -> list[str]:
 
 def call_argv(target: str) -> list[str]:
     """The argv that calls ``package.module:function``; its kwargs go as JSON on stdin."""
-    return [sys.executable, "-m", "actors._callrunner", target]
+    # The runner is started as a file, not with -m: ``-m actors._callrunner`` would first
+    # import the actors package, and with it Ray, in every call item.
+    return [sys.executable, _CALLRUNNER, target]
 
 
 def kill_tree(pid: int, pgid: int | None = None, extra_pids: Iterable[int] = ()) -> None:
@@ -133,15 +137,17 @@ async def run_child(
             started_at, f"working directory {spec.cwd} does not exist or is not a directory"
         )
     token = uuid.uuid4().hex
+    loop = asyncio.get_running_loop()
     t0 = time.monotonic()
     try:
-        proc = await asyncio.create_subprocess_exec(
+        transport, protocol = await loop.subprocess_exec(
+            _Protocol,
             *spec.argv,
             cwd=spec.cwd,
             env={**spec.env, MARKER_ENV: token},
-            stdin=asyncio.subprocess.DEVNULL if spec.stdin is None else asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
+            stdin=subprocess.DEVNULL if spec.stdin is None else subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             start_new_session=True,
         )
     except FileNotFoundError:
@@ -151,33 +157,35 @@ async def run_child(
     except OSError as exc:
         return _not_started(started_at, f"cannot start {spec.argv[0]}: {exc.strerror or exc}")
 
-    tree = _Tree(proc.pid)
-    out, err = _Tail(), _Tail()
-    readers = [
-        asyncio.create_task(_drain(proc.stdout, out)),
-        asyncio.create_task(_drain(proc.stderr, err)),
-    ]
-    helpers = [asyncio.create_task(_sample_every(tree, sample_interval_s))]
+    pid = transport.get_pid()
+    tree = _Tree(pid)
+    sampler = asyncio.create_task(_sample_every(tree, sample_interval_s))
     if spec.stdin is not None:
-        helpers.append(asyncio.create_task(_feed(proc.stdin, spec.stdin)))
+        stdin = transport.get_pipe_transport(0)
+        # A child that exits without reading it all only makes the transport drop the rest.
+        stdin.write(spec.stdin)
+        stdin.close()
     settled = False
     try:
-        reason = await _wait_exit(proc, spec.timeout_s, cancel)
-        await _kill_and_wait(tree, proc.pid, token)
-        exit_code = await proc.wait()
-        _, stuck = await asyncio.wait(readers, timeout=_SETTLE_S)
+        reason = await _wait_exit(protocol.exited, spec.timeout_s, cancel)
+        await _kill_and_wait(tree, pid, token)
+        await protocol.exited
+        # EOF on both pipes; only a holder we could not find would keep them open.
+        await asyncio.wait([protocol.closed], timeout=_SETTLE_S)
         settled = True
     finally:
-        for task in (*readers, *helpers):
-            task.cancel()
-        if not settled:
-            _kill(proc.pid, [*tree.members(), *_marked(token)])
-    for task in stuck:  # a holder of the pipe we could not find; keep what arrived
-        await asyncio.gather(task, return_exceptions=True)
+        sampler.cancel()
+        if not settled:  # this coroutine was cancelled, or failed: the tree goes first
+            _kill(pid, [*tree.members(), *_marked(token)])
+            # Closing the transport before the child watcher has seen the root exit
+            # would reap the root behind the watcher's back.
+            with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(protocol.exited), _SETTLE_S)
+        transport.close()
     return ChildOutcome(
-        exit_code=exit_code,
-        stdout_tail=out.text(),
-        stderr_tail=err.text(),
+        exit_code=transport.get_returncode(),
+        stdout_tail=protocol.stdout.text(),
+        stderr_tail=protocol.stderr.text(),
         started_at=started_at,
         finished_at=utcnow(),
         duration_s=time.monotonic() - t0,
@@ -198,24 +206,47 @@ def _not_started(started_at: datetime, error: str) -> ChildOutcome:
 
 
 async def _wait_exit(
-    proc: asyncio.subprocess.Process, timeout_s: float | None, cancel: asyncio.Event | None
+    exited: asyncio.Future[None], timeout_s: float | None, cancel: asyncio.Event | None
 ) -> str | None:
     """None when the root exited by itself, else "timeout" or "canceled"."""
-    exited = asyncio.ensure_future(proc.wait())
     canceled = asyncio.ensure_future(cancel.wait()) if cancel is not None else None
     try:
         done, _ = await asyncio.wait(
-            [t for t in (exited, canceled) if t is not None],
+            [f for f in (exited, canceled) if f is not None],
             timeout=timeout_s,
             return_when=asyncio.FIRST_COMPLETED,
         )
     finally:
-        exited.cancel()
         if canceled is not None:
             canceled.cancel()
     if exited in done:
         return None
     return "canceled" if canceled in done else "timeout"
+
+
+class _Protocol(asyncio.SubprocessProtocol):
+    """Keeps the output tails and tells the root's exit apart from the pipes' EOF.
+
+    Process.wait() would not do: before Python 3.12 it returns only after every pipe
+    is closed, which a grandchild holding stdout can put off forever.
+    """
+
+    def __init__(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.stdout, self.stderr = _Tail(), _Tail()
+        self.exited: asyncio.Future[None] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        (self.stdout if fd == 1 else self.stderr).feed(data)
+
+    def process_exited(self) -> None:
+        if not self.exited.done():
+            self.exited.set_result(None)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed.done():
+            self.closed.set_result(None)
 
 
 class _Tail:
@@ -238,23 +269,6 @@ class _Tail:
         if self._cut:  # drop the continuation bytes of a character cut in half
             data = data.lstrip(bytes(range(0x80, 0xC0)))
         return data.decode("utf-8", errors="replace")[-self._chars :]
-
-
-async def _drain(stream: asyncio.StreamReader | None, tail: _Tail) -> None:
-    assert stream is not None
-    while chunk := await stream.read(_READ_CHUNK):
-        tail.feed(chunk)
-
-
-async def _feed(writer: asyncio.StreamWriter | None, data: bytes) -> None:
-    assert writer is not None
-    try:
-        writer.write(data)
-        await writer.drain()
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the child closed stdin without reading it all; that is its business
-    finally:
-        writer.close()
 
 
 class _Tree:

@@ -179,7 +179,9 @@ def test_orphans_left_in_the_group_by_a_finished_root_are_killed(tmp_path):
 def test_a_missing_cwd_is_an_error_sentence_and_nothing_runs(tmp_path):
     outcome = asyncio.run(run_child(spec(tmp_path / "nowhere", shell_argv("true"))))
     assert outcome.exit_code is None
-    assert outcome.error == f"working directory {tmp_path / 'nowhere'} does not exist or is not a directory"
+    assert outcome.error == (
+        f"working directory {tmp_path / 'nowhere'} does not exist or is not a directory"
+    )
 
 
 def test_a_missing_executable_is_an_error_sentence(tmp_path):
@@ -230,7 +232,9 @@ def test_kill_tree_refuses_to_kill_our_own_process_group():
 
 def test_argv_builders():
     assert shell_argv("echo hi") == ["/bin/sh", "-c", "echo hi"]
-    assert call_argv("pkg.mod:fn") == [sys.executable, "-m", "actors._callrunner", "pkg.mod:fn"]
+    python_exe, runner, target = call_argv("pkg.mod:fn")
+    assert (python_exe, target) == (sys.executable, "pkg.mod:fn")
+    assert Path(runner).name == "_callrunner.py" and Path(runner).is_file()
 
 
 def test_changed_files_lists_added_modified_and_deleted_files(tmp_path):
