@@ -189,7 +189,7 @@ class ResourceHost(AgentHost):
             try:
                 lease = await asyncio.wait_for(granted, timeout=request.wait_s)
             except asyncio.TimeoutError:
-                self.book.withdraw(waiting)
+                self._hand_out(self.book.withdraw(waiting))
                 raise RequestRejected(subjects.RESOURCES_LEASE, "busy",
                                       f"no room for {request.item_id!r} within {request.wait_s:g} s") from None
             finally:
@@ -202,14 +202,18 @@ class ResourceHost(AgentHost):
         if lease is None:
             return Ack(ok=False, message=f"no lease {release.lease_id!r}")
         await self._announce("release", lease)
+        self._hand_out(granted)
+        return Ack()
+
+    def _hand_out(self, granted: list) -> None:  # type: ignore[type-arg]
+        """Wake the askers of newly granted leases; a grant whose asker is gone goes back."""
         while granted:
             waiting = granted.pop(0)
             future = self._waiters.get(id(waiting))
             if future is not None and not future.done():
                 future.set_result(waiting.granted)
-            elif waiting.granted is not None:  # the asker is gone: give the room back
+            elif waiting.granted is not None:
                 granted += self.book.release(waiting.granted.lease_id)[1]
-        return Ack()
 
     async def _snapshot(self, _: SnapshotRequest) -> ResourceSnapshot:
         book = self.book

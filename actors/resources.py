@@ -48,11 +48,14 @@ class LeaseBook:
 
     def request(self, request: LeaseRequest) -> tuple[Lease | None, _Waiting | None]:
         """A lease now, or the queue entry that will hold it once granted."""
-        if request.cpu > self.agent_cpu + 1e-9 or request.memory_mb > self.agent_memory_mb:
+        cpu_cap = min(self.agent_cpu, self.total_cpu)
+        memory_cap = min(self.agent_memory_mb, self.total_memory_mb)
+        if request.cpu > cpu_cap + 1e-9 or request.memory_mb > memory_cap:
             raise LeaseRefused(
                 f"work item {request.item_id!r} asks for {request.cpu:g} CPU and "
-                f"{request.memory_mb} MB; an agent may use at most {self.agent_cpu:g} CPU "
-                f"and {self.agent_memory_mb} MB"
+                f"{request.memory_mb} MB; it can never fit: an agent may use at most "
+                f"{self.agent_cpu:g} CPU and {self.agent_memory_mb} MB, all agents together "
+                f"{self.total_cpu:g} CPU and {self.total_memory_mb} MB"
             )
         if not self.queue and self._fits(request):
             return self._grant(request, waited_s=0.0), None
@@ -63,19 +66,23 @@ class LeaseBook:
     def release(self, lease_id: str) -> tuple[Lease | None, list[_Waiting]]:
         """Return a lease; the queued requests that now fit are granted, in order."""
         lease = self.leases.pop(lease_id, None)
+        return lease, self._grant_queued()
+
+    def _grant_queued(self) -> list[_Waiting]:
         granted: list[_Waiting] = []
         while self.queue and self._fits(self.queue[0].request):
             waiting = self.queue.popleft()
             waiting.granted = self._grant(waiting.request, waited_s=time.monotonic() - waiting.since)
             granted.append(waiting)
-        return lease, granted
+        return granted
 
-    def withdraw(self, waiting: _Waiting) -> None:
-        """A queued request whose asker gave up."""
+    def withdraw(self, waiting: _Waiting) -> list[_Waiting]:
+        """A queued request whose asker gave up; returns the requests behind it now granted."""
         try:
             self.queue.remove(waiting)
         except ValueError:
-            pass
+            return []
+        return self._grant_queued()
 
     def _fits(self, request: LeaseRequest) -> bool:
         agent = [l for l in self.leases.values() if l.agent_id == request.agent_id]

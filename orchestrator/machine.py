@@ -252,14 +252,18 @@ def judge_iteration(*, iteration: int, max_iterations: int,
 def failure_context(task_id: str, iteration: int,
                     item_results: Sequence[WorkItemResult],
                     gate_results: Sequence[GateResult] | None) -> FailureContext:
-    """What a replanning step reads: the failed items and gates with their output tails."""
+    """What a replanning step reads: the failed items and gates with their output tails.
+
+    Skipped items are listed too (status ``skipped``): they never ran, so a replan must
+    run them again even when what they waited for was a fix item.
+    """
     return FailureContext(
         task_id=task_id,
         iteration=iteration,
         failed_items=[
             FailedItem(id=r.item_id, status=r.status, exit_code=r.exit_code,
                        stdout_tail=r.stdout_tail, stderr_tail=r.stderr_tail, error=r.error)
-            for r in _failed_items(item_results)
+            for r in item_results if r.status != "succeeded"
         ],
         failed_gates=[
             FailedGate(name=g.gate, exit_code=g.exit_code, stdout_tail=g.stdout_tail,

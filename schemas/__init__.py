@@ -51,7 +51,9 @@ from .work import (
     GateResult,
     GateResults,
     ItemStatus,
+    LimitHit,
     Plan,
+    PlanAttempt,
     PlanRequest,
     VerifyRequest,
     WorkItemAssignment,
@@ -79,7 +81,7 @@ __all__ = [
     "Rejected", "ErrorDetail",
     # messages: agents
     "PlanRequest", "Plan", "FailureContext", "FailedGate", "FailedItem",
-    "WorkItemAssignment", "WorkItemResult", "ItemStatus", "TAIL_CHARS",
+    "WorkItemAssignment", "WorkItemResult", "ItemStatus", "TAIL_CHARS", "LimitHit", "PlanAttempt",
     "VerifyRequest", "GateResult", "GateResults",
     "LeaseRequest", "Lease", "LeaseRelease", "Ack", "SnapshotRequest", "ResourceSnapshot",
     "AgentUsage",

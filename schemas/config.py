@@ -17,6 +17,9 @@ class PoolConfig(Model):
     replicas: Annotated[int, Field(ge=1, le=256)] = 1
     cpu: Annotated[float, Field(gt=0, le=1024)] = 1.0
     memory_mb: Annotated[int, Field(ge=64)] = 1024
+    #: Ray custom resources each agent of the pool needs, e.g. {"big": 1} pins the pool
+    #: to nodes started with ``ray start --resources '{"big": 4}'``.
+    resources: dict[str, float] = Field(default_factory=dict)
 
 
 class HiveConfig(Model):

@@ -42,13 +42,18 @@ class PlannerSpec(Model):
 
 
 class WorkItemSpec(Model):
-    """One unit of work: a shell command (``run``) or a Python callable (``call``)."""
+    """One unit of work, exactly one of: a shell command (``run``), a Python callable
+    (``call`` with ``args``), a question to the task's LLM (``prompt``, answer checked by
+    ``expect``: a regex or a JSON Schema), or a child task (``subtask``)."""
 
     id: Ident
     description: str = ""
     run: Annotated[str, Field(min_length=1)] | None = None
     call: CallTarget | None = None
     args: dict[str, Any] = Field(default_factory=dict)
+    prompt: Annotated[str, Field(min_length=1)] | None = None
+    expect: str | dict[str, Any] | None = None
+    subtask: TaskSpec | None = None
     depends_on: list[Ident] = Field(default_factory=list)
     timeout_s: Seconds | None = None
     retries: Annotated[int, Field(ge=0, le=20)] = 0
@@ -57,18 +62,26 @@ class WorkItemSpec(Model):
 
     @model_validator(mode="after")
     def _one_kind(self) -> WorkItemSpec:
-        if (self.run is None) == (self.call is None):
+        given = [k for k in ("run", "call", "prompt", "subtask") if getattr(self, k) is not None]
+        if len(given) != 1:
             raise ValueError(
-                f"work item {self.id!r} needs exactly one of 'run' (a shell command) "
-                "or 'call' (\"package.module:function\")"
+                f"work item {self.id!r} needs exactly one of 'run' (a shell command), "
+                "'call' (\"package.module:function\"), 'prompt' or 'subtask'"
+                + (f"; it has {' and '.join(given)}" if given else "")
             )
         if self.args and self.call is None:
             raise ValueError(f"work item {self.id!r}: 'args' is only for 'call' items")
+        if self.expect is not None and self.prompt is None:
+            raise ValueError(f"work item {self.id!r}: 'expect' is only for 'prompt' items")
         return self
 
     @property
-    def kind(self) -> Literal["shell", "call"]:
-        return "shell" if self.run is not None else "call"
+    def kind(self) -> Literal["shell", "call", "prompt", "subtask"]:
+        if self.run is not None:
+            return "shell"
+        if self.call is not None:
+            return "call"
+        return "prompt" if self.prompt is not None else "subtask"
 
 
 class GateSpec(Model):
@@ -121,6 +134,8 @@ class TaskSpec(Message):
     gates: list[GateSpec] = Field(default_factory=list)
     work_items: list[WorkItemSpec] = Field(default_factory=list)
     on_gate_failure: list[WorkItemSpec] = Field(default_factory=list)
+    #: Set by hivebus on a subtask: the task whose work item it is.
+    parent_task: Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9-]{2,63}$")] | None = None
 
     @field_validator("deadline")
     @classmethod
@@ -153,3 +168,6 @@ class TaskSpec(Message):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+
+WorkItemSpec.model_rebuild()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import yaml
@@ -25,7 +26,10 @@ def load_task_file(path: str | Path) -> TaskSpec:
     except (OSError, UnicodeDecodeError) as exc:
         raise TaskFileError(shown, [f"cannot be read: {exc}"]) from None
     try:
-        data = yaml.safe_load(text)  # JSON is a subset of YAML
+        # JSON is nearly a subset of YAML, but YAML refuses tab indentation.
+        data = json.loads(text) if _looks_like_json(path, text) else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise TaskFileError(shown, [f"line {exc.lineno}, column {exc.colno}: not valid JSON: {exc.msg}"]) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
@@ -33,7 +37,7 @@ def load_task_file(path: str | Path) -> TaskSpec:
         raise TaskFileError(shown, [f"{where}not valid YAML: {problem}"]) from None
     if not isinstance(data, dict):
         raise TaskFileError(shown, ["the file must hold a mapping with at least a 'title'"])
-    workdir = Path(str(data.get("workdir", ".")))
+    workdir = Path(str(data.get("workdir") or "."))
     if not workdir.is_absolute():
         data["workdir"] = str((path.resolve().parent / workdir).resolve())
     try:
@@ -45,3 +49,7 @@ def load_task_file(path: str | Path) -> TaskSpec:
             msg = err["msg"].removeprefix("Value error, ")
             problems.append(f"{loc}: {msg}" if loc else msg)
         raise TaskFileError(shown, problems) from None
+
+
+def _looks_like_json(path: Path, text: str) -> bool:
+    return path.suffix.lower() == ".json" or text.lstrip().startswith("{")

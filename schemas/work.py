@@ -23,6 +23,30 @@ ItemStatus = Literal[
 #: Last bytes of stdout / stderr kept in results, artifacts and failure context.
 TAIL_CHARS = 4000
 
+LimitKind = Literal["memory", "cpu_seconds", "max_procs", "timeout"]
+Mechanism = Literal["cgroup-v2", "cgroup-v1", "rlimit", "watchdog"]
+
+
+class LimitHit(Model):
+    """Why a work item's process tree was killed for a limit, and what was measured."""
+
+    limit: LimitKind
+    limit_value: float = Field(description="the limit: MB, CPU seconds, processes or seconds")
+    peak_value: float = Field(description="the measured peak in the same unit")
+    mechanism: Mechanism
+    crossed_at: datetime | None = Field(default=None, description="first sample above the limit")
+    killed_at: datetime
+
+
+class PlanAttempt(Model):
+    """One answer of an LLM planner: accepted, or refused with the validation errors."""
+
+    attempt: int
+    ok: bool
+    error: str | None = None
+    answer_excerpt: str = ""
+    duration_s: float = 0.0
+
 
 class FailedGate(Model):
     name: str
@@ -74,6 +98,9 @@ class Plan(Message):
     rationale: str = ""
     failure: FailureContext | None = None
     planner_id: str = ""
+    model: str | None = None
+    prompt_sha256: str | None = None
+    attempts: list[PlanAttempt] = Field(default_factory=list)
 
 
 class WorkItemAssignment(Message):
@@ -117,7 +144,9 @@ class WorkItemResult(Message):
     evidence: list[str] = Field(default_factory=list)
     handoff_notes: str = ""
     peak_rss_mb: float = 0.0
+    peak_rss_at: datetime | None = None
     cpu_seconds: float = 0.0
+    limit: LimitHit | None = None
     agent_id: str = ""
     node_id: str = ""
 

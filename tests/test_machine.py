@@ -365,7 +365,7 @@ def test_a_message_names_a_few_failures_and_counts_the_rest():
 
 # --- failure context ---------------------------------------------------------------
 
-def test_the_failure_context_holds_only_the_failures_with_their_tails():
+def test_the_failure_context_holds_the_failed_and_skipped_items_with_their_tails():
     ctx = failure_context(
         TASK, 2,
         [item("a"), item("b", "failed", exit_code=1, stdout="o", stderr="e", error="x"),
@@ -375,7 +375,8 @@ def test_the_failure_context_holds_only_the_failures_with_their_tails():
     )
     assert isinstance(ctx, FailureContext)
     assert (ctx.task_id, ctx.iteration) == (TASK, 2)
-    [failed_item] = ctx.failed_items
+    failed_item, skipped_item = ctx.failed_items
+    assert (skipped_item.id, skipped_item.status) == ("c", "skipped")
     assert (failed_item.id, failed_item.status, failed_item.exit_code, failed_item.stdout_tail,
             failed_item.stderr_tail, failed_item.error) == ("b", "failed", 1, "o", "e", "x")
     [failed_gate] = ctx.failed_gates
