@@ -3,7 +3,7 @@
 from .executor import ExecutorCore
 from .hosts import HOSTS, AgentHost, ExecutorHost, PlannerHost, ResourceHost, VerifierHost
 from .planner import DeclarativePlanner, PlannerError
-from .pool import NAMESPACE, AgentPool, AgentStartError, agent_names
+from .pool import NAMESPACE, AgentPool, AgentStartError, agent_names, fit_to_cluster
 from .resources import LeaseBook, LeaseRefused
 from .sandbox import ChildOutcome, ChildSpec, run_child
 from .verifier import VerifierCore
@@ -15,5 +15,5 @@ __all__ = [
     "run_child", "ChildSpec", "ChildOutcome",
     # Ray hosts
     "AgentHost", "PlannerHost", "ExecutorHost", "VerifierHost", "ResourceHost", "HOSTS",
-    "AgentPool", "AgentStartError", "agent_names", "NAMESPACE",
+    "AgentPool", "AgentStartError", "agent_names", "fit_to_cluster", "NAMESPACE",
 ]

@@ -12,7 +12,9 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
+import psutil
 import structlog
+from nats.errors import Error as NatsError
 
 from bus import Bus, subjects
 from bus.logs import configure_logging
@@ -20,8 +22,10 @@ from schemas import (
     Ack,
     AgentSettings,
     GateResults,
+    AgentUsage,
     Lease,
     LeaseEvent,
+    LimitExceededEvent,
     LeaseRelease,
     LeaseRequest,
     Plan,
@@ -31,6 +35,7 @@ from schemas import (
     ResourceSnapshot,
     SnapshotRequest,
     TaskRef,
+    UsageEvent,
     VerifyRequest,
     WorkItemAssignment,
     WorkItemResult,
@@ -57,6 +62,8 @@ class AgentHost:
     """Base of the four agent hosts: owns the bus connection and the start/stop protocol."""
 
     role: ClassVar[str]
+    #: Seconds between two samples of this agent's CPU and RSS (and its children's).
+    usage_interval_s: ClassVar[float] = 1.0
 
     def __init__(self, settings: AgentSettings):
         configure_logging(json=True)
@@ -64,12 +71,51 @@ class AgentHost:
         self.agent_id = settings.agent_id
         self.bus: Bus | None = None
         self.log = log.bind(agent=self.agent_id)
+        self._sampler: asyncio.Task[None] | None = None
         self._started = asyncio.get_event_loop().create_task(self._start())
 
     async def _start(self) -> None:
         self.bus = await Bus.connect(self.settings.nats_url, name=self.agent_id)
         await self.serve(self.bus)
+        self._sampler = asyncio.get_running_loop().create_task(self._sample_usage(self.bus))
         self.log.info("agent serving", role=self.role, pid=os.getpid())
+
+    async def _sample_usage(self, bus: Bus) -> None:
+        """Publish this agent's CPU and RSS, children included, every second.
+
+        The samples double as the agent's heartbeat: the orchestrator re-dispatches an
+        item whose executor stops sending them or comes back with another pid.
+        """
+        me = psutil.Process()
+        known: dict[int, psutil.Process] = {}
+        while True:
+            rss, cpu, children = 0, 0.0, 0
+            tree = [me]
+            try:
+                tree += me.children(recursive=True)
+            except psutil.Error:
+                pass
+            alive = set()
+            for proc in tree:
+                # Reusing Process objects keeps cpu_percent's interval between samples.
+                proc = known.setdefault(proc.pid, proc)
+                alive.add(proc.pid)
+                try:
+                    with proc.oneshot():
+                        rss += proc.memory_info().rss
+                        cpu += proc.cpu_percent(None)
+                except psutil.Error:
+                    continue
+                children += proc is not me
+            for pid in set(known) - alive:
+                del known[pid]
+            try:
+                await bus.emit(subjects.usage(self.agent_id), UsageEvent(
+                    agent_id=self.agent_id, pid=me.pid, cpu_percent=round(cpu, 1),
+                    rss_mb=round(rss / 2**20, 1), children=children))
+            except NatsError as exc:  # a sample lost while NATS reconnects is not worth dying for
+                self.log.debug("usage sample not sent", error=str(exc))
+            await asyncio.sleep(self.usage_interval_s)
 
     async def serve(self, bus: Bus) -> None:
         raise NotImplementedError
@@ -81,6 +127,8 @@ class AgentHost:
 
     async def stop(self) -> None:
         """Stop serving: drain the NATS connection."""
+        if self._sampler is not None:
+            self._sampler.cancel()
         if self.bus is not None:
             await self.bus.close()
 
@@ -127,7 +175,14 @@ class ExecutorHost(AgentHost):
                     kind="item_started", item_id=assignment.item.id,
                     attempt=assignment.attempt, agent_id=self.agent_id,
                 ))
-                return await self.core.run(assignment)
+                result = await self.core.run(assignment)
+                if result.limit is not None and result.status == "resource_limit":
+                    hit = result.limit
+                    await self.bus.publish(subjects.limit_exceeded(self.agent_id), LimitExceededEvent(
+                        agent_id=self.agent_id, task_id=result.task_id, item_id=result.item_id,
+                        limit=hit.limit, limit_value=hit.limit_value, peak_value=hit.peak_value,
+                        mechanism=hit.mechanism))
+                return result
             finally:
                 await self.bus.request(subjects.RESOURCES_RELEASE,
                                        LeaseRelease(lease_id=lease.lease_id), Ack)
@@ -150,6 +205,12 @@ class ExecutorHost(AgentHost):
         if killed:
             self.log.info("canceled running items", task_id=ref.task_id, count=killed)
 
+    async def stop(self) -> None:
+        """Kill the children of every running item, then stop serving."""
+        for key in list(self.core.running):
+            self.core.cancel(key.split(":", 1)[0])
+        await super().stop()
+
 
 class VerifierHost(AgentHost):
     role = "verifier"
@@ -171,11 +232,18 @@ class ResourceHost(AgentHost):
     async def serve(self, bus: Bus) -> None:
         hive, pool = self.settings.hive, self.settings.hive.executor
         self._waiters: dict[int, asyncio.Future[Lease]] = {}
+        self.usage: dict[str, AgentUsage] = {}
         self.book = LeaseBook(total_cpu=hive.total_cpu, total_memory_mb=hive.total_memory_mb,
                               agent_cpu=pool.cpu, agent_memory_mb=pool.memory_mb)
         await bus.serve(subjects.RESOURCES_LEASE, LeaseRequest, self._lease, queue=subjects.RESOURCE_MANAGERS)
         await bus.serve(subjects.RESOURCES_RELEASE, LeaseRelease, self._release, queue=subjects.RESOURCE_MANAGERS)
         await bus.serve(subjects.RESOURCES_SNAPSHOT, SnapshotRequest, self._snapshot, queue=subjects.RESOURCE_MANAGERS)
+        await bus.subscribe(subjects.usage("*"), UsageEvent, self._on_usage)
+
+    async def _on_usage(self, event: UsageEvent) -> None:
+        self.usage[event.agent_id] = AgentUsage(
+            agent_id=event.agent_id, pid=event.pid, cpu_percent=event.cpu_percent,
+            rss_mb=event.rss_mb, children=event.children, sampled_at=event.ts)
 
     async def _lease(self, request: LeaseRequest) -> Lease:
         try:
@@ -222,6 +290,7 @@ class ResourceHost(AgentHost):
             agent_cpu=book.agent_cpu, agent_memory_mb=book.agent_memory_mb,
             allocated_cpu=book.allocated_cpu, allocated_memory_mb=book.allocated_memory_mb,
             leases=list(book.leases.values()), queued=len(book.queue),
+            usage=sorted(self.usage.values(), key=lambda u: u.agent_id),
         )
 
     async def _announce(self, kind: str, lease: Lease) -> None:

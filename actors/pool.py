@@ -19,6 +19,19 @@ class AgentStartError(HivebusError):
     """An agent could not be placed or did not come up."""
 
 
+def fit_to_cluster(config: HiveConfig) -> HiveConfig:
+    """The config with its totals lowered to what the Ray cluster reports, never raised."""
+    cluster = ray.cluster_resources()
+    cpu = cluster.get("CPU")
+    memory_mb = int(cluster.get("memory", 0) / MiB) or None
+    update: dict[str, Any] = {}
+    if cpu is not None and config.total_cpu > cpu:
+        update["total_cpu"] = float(cpu)
+    if memory_mb is not None and config.total_memory_mb > memory_mb:
+        update["total_memory_mb"] = memory_mb
+    return config.model_copy(update=update) if update else config
+
+
 def agent_names(config: HiveConfig) -> list[tuple[str, str]]:
     """(role, agent_id) of every agent the config asks for: planner-1.., executor-1.., resources."""
     names = [("resources", "resources")]
@@ -54,8 +67,8 @@ class AgentPool:
                                      pool=pool, hive=self.config, state_dir=self.state_dir)
             actor = ray.remote(HOSTS[role]).options(  # type: ignore[call-overload]
                 name=agent_id, namespace=NAMESPACE, num_cpus=pool.cpu,
-                memory=pool.memory_mb * MiB, max_restarts=-1, max_task_retries=0,
-                max_concurrency=1000,
+                memory=pool.memory_mb * MiB, resources=pool.resources or None,
+                max_restarts=-1, max_task_retries=0, max_concurrency=1000,
             ).remote(settings)
             self.actors[agent_id] = actor
             refs.append(actor.ready.remote())
@@ -101,4 +114,4 @@ class AgentPool:
         self.actors.clear()
 
 
-__all__ = ["AgentPool", "AgentStartError", "agent_names", "NAMESPACE"]
+__all__ = ["AgentPool", "AgentStartError", "agent_names", "fit_to_cluster", "NAMESPACE"]

@@ -40,6 +40,7 @@ Handler = Callable[[Any], Awaitable[Message]]
 
 #: How long the audit stream keeps events (resource.usage samples would grow it forever).
 EVENTS_MAX_AGE_S = 7 * 24 * 3600
+EVENTS_PER_SUBJECT = 100_000
 
 
 class Bus:
@@ -213,6 +214,9 @@ class Bus:
             subjects=subjects.EVENT_SUBJECTS,
             storage=StorageType.FILE,
             max_age=EVENTS_MAX_AGE_S,
+            # resource.usage.<agent> gets a sample a second; keep about a day of them.
+            max_msgs_per_subject=EVENTS_PER_SUBJECT,
+            duplicate_window=120.0,
         )
         try:
             await self.js.add_stream(config)

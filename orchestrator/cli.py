@@ -32,6 +32,7 @@ from schemas import (
     PoolConfig,
     ProgressEvent,
     RequestRejected,
+    ResourceSnapshot,
     TaskFileError,
     TaskRecord,
     TaskRef,
@@ -357,19 +358,40 @@ def cmd_status(args: argparse.Namespace, console: Console) -> int:
                     _print_record(console, record)
                 return EXIT_OK
             records = await hive.list()
+            snapshot = await hive.resources()
         finally:
             await hive.close()
         if args.json:
-            print(json.dumps([summary_line(r) for r in records]))
+            print(json.dumps({"tasks": [summary_line(r) for r in records],
+                              "resources": snapshot.model_dump(mode="json")}))
             return EXIT_OK
-        table = Table("task", "state", "stage", "iter", "exit_reason", "title")
+        table = Table("task", "state", "stage", "iter", "exit_reason", "title", title="tasks")
         for r in records:
             table.add_row(r.task_id, r.state.value, r.stage or "", str(r.iteration),
                           r.exit_reason or "", escape(r.spec.title))
         console.print(table)
+        console.print(resource_table(snapshot))
         return EXIT_OK
 
     return run_async(go())
+
+
+def resource_table(snapshot: ResourceSnapshot) -> Table:
+    """Agents with their sampled usage and current leases, and the hive's totals."""
+    table = Table("agent", "pid", "CPU %", "RSS MB", "children", "leased CPU", "leased MB",
+                  title=f"resources: {snapshot.allocated_cpu:g}/{snapshot.total_cpu:g} CPU, "
+                        f"{snapshot.allocated_memory_mb}/{snapshot.total_memory_mb} MB leased, "
+                        f"{snapshot.queued} waiting; per agent at most {snapshot.agent_cpu:g} CPU, "
+                        f"{snapshot.agent_memory_mb} MB")
+    leases: dict[str, tuple[float, int]] = {}
+    for lease in snapshot.leases:
+        cpu, mem = leases.get(lease.agent_id, (0.0, 0))
+        leases[lease.agent_id] = (cpu + lease.cpu, mem + lease.memory_mb)
+    for usage in snapshot.usage:
+        cpu, mem = leases.get(usage.agent_id, (0.0, 0))
+        table.add_row(usage.agent_id, str(usage.pid), f"{usage.cpu_percent:.1f}", f"{usage.rss_mb:.1f}",
+                      str(usage.children), f"{cpu:g}", str(mem))
+    return table
 
 
 def _print_record(console: Console, record: TaskRecord) -> None:

@@ -21,11 +21,13 @@ import ray
 import structlog
 from nats.js.errors import NotFoundError
 
-from actors import NAMESPACE, AgentPool
+from actors import NAMESPACE, AgentPool, fit_to_cluster
 from bus import Bus, EmbeddedNats, subjects
 from schemas import (
     CompletionEvent,
     HiveConfig,
+    ResourceSnapshot,
+    SnapshotRequest,
     TaskAccepted,
     TaskList,
     TaskQuery,
@@ -109,6 +111,7 @@ class AsyncHive:
                 nats = EmbeddedNats(state)
                 nats_url = nats.start()
             started_ray = init_ray(config, ray_address) if owns_ray is None else owns_ray
+            config = fit_to_cluster(config)
             bus = await Bus.connect(nats_url, name="hivebus-orchestrator")
             orchestrator = Orchestrator(bus=bus, config=config, state_dir=state,
                                         workdir_root=Path(workdir_root) if workdir_root else None)
@@ -165,6 +168,10 @@ class AsyncHive:
 
     async def approve(self, task_id: str) -> TaskRecord:
         return await self.bus.request(subjects.TASK_APPROVE, TaskRef(task_id=task_id), TaskRecord)
+
+    async def resources(self) -> ResourceSnapshot:
+        """Limits, current leases and the latest usage sample of every agent."""
+        return await self.bus.request(subjects.RESOURCES_SNAPSHOT, SnapshotRequest(), ResourceSnapshot)
 
     async def wait(self, task_id: str, *, timeout: float | None = None) -> TaskRecord:
         """Wait for the task's completion event (sent after its artifacts are written)."""
@@ -270,6 +277,9 @@ class Hive:
 
     def approve(self, task_id: str) -> TaskRecord:
         return _call(self._loop, self._inner.approve(task_id))
+
+    def resources(self) -> ResourceSnapshot:
+        return _call(self._loop, self._inner.resources())
 
     def wait(self, task_id: str, *, timeout: float | None = None) -> TaskRecord:
         return _call(self._loop, self._inner.wait(task_id, timeout=timeout))

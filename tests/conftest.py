@@ -15,6 +15,7 @@ import psutil
 import pytest
 
 from bus import EmbeddedNats
+from schemas import HiveConfig, PoolConfig
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = REPO / "examples"
@@ -35,12 +36,20 @@ def nats_server(state_dir: Path) -> Iterator[EmbeddedNats]:
         server.stop()
 
 
+#: The session hive: four executors of 512 MB each under a total of 1 GiB, so that the
+#: resource manager, not the number of executors, is what limits four 512 MB items.
+SESSION_CONFIG = HiveConfig(
+    executor=PoolConfig(replicas=4, cpu=1, memory_mb=512),
+    total_cpu=4, total_memory_mb=1024,
+)
+
+
 @pytest.fixture(scope="session")
 def hive(nats_server: EmbeddedNats, state_dir: Path):  # type: ignore[no-untyped-def]
-    """A hive with two executors on the session's nats-server and a local Ray."""
+    """The session's hive on its nats-server and a local Ray."""
     from orchestrator import Hive
 
-    running = Hive.start(nats_url=nats_server.url, state_dir=state_dir)
+    running = Hive.start(nats_url=nats_server.url, state_dir=state_dir, config=SESSION_CONFIG)
     try:
         yield running
     finally:
