@@ -12,9 +12,11 @@ import signal
 import tempfile
 from typing import Any
 
+from schemas.task import ResourceSpec
 from schemas.work import TAIL_CHARS, ItemStatus, WorkItemAssignment, WorkItemResult
 
 from ._callrunner import OUTPUT_ENV
+from .limits import Limits, describe
 from .sandbox import (
     ChildOutcome,
     ChildSpec,
@@ -49,7 +51,12 @@ def _test_summaries(*texts: str) -> list[str]:
 
 
 class ExecutorCore:
-    """Runs work-item attempts as child processes; knows which ones are running."""
+    """Runs work-item attempts as child processes; knows which ones are running.
+
+    Each attempt's process tree is held to the item's ``resources``; a field the item
+    leaves unset takes ``default_resources`` (the pool's per-agent limits), and an unset
+    max_procs there takes limits.DEFAULT_MAX_PROCS.
+    """
 
     def __init__(
         self,
@@ -57,11 +64,13 @@ class ExecutorCore:
         agent_id: str,
         node_id: str = "",
         default_timeout_s: float = 3600.0,
+        default_resources: ResourceSpec | None = None,
         scratch_dir: str,
     ):
         self.agent_id = agent_id
         self.node_id = node_id
         self.default_timeout_s = default_timeout_s
+        self.default_resources = default_resources or ResourceSpec()
         self.scratch_dir = scratch_dir
         self._running: dict[str, tuple[str, asyncio.Event]] = {}
 
@@ -131,10 +140,11 @@ class ExecutorCore:
             assert item.run is not None
             argv, command = shell_argv(item.run), item.run
         timeout = item.timeout_s or self.default_timeout_s
+        limits = Limits.from_resources(self._resources(assignment), timeout_s=timeout)
 
         before = await asyncio.to_thread(snapshot_files, assignment.workdir)
         outcome = await run_child(
-            ChildSpec(argv=argv, cwd=assignment.workdir, env=env, timeout_s=timeout, stdin=stdin),
+            ChildSpec(argv=argv, cwd=assignment.workdir, env=env, stdin=stdin, limits=limits),
             cancel=cancel,
         )
         after = await asyncio.to_thread(snapshot_files, assignment.workdir)
@@ -167,8 +177,15 @@ class ExecutorCore:
             evidence=evidence,
             handoff_notes=_read_head(handoff),
             peak_rss_mb=outcome.peak_rss_mb,
+            peak_rss_at=outcome.peak_rss_at,
             cpu_seconds=outcome.cpu_seconds,
+            limit=outcome.limit,
         )
+
+    def _resources(self, assignment: WorkItemAssignment) -> ResourceSpec:
+        """The item's resources, each unset field taken from default_resources."""
+        given = assignment.resources.model_dump(exclude_none=True)
+        return self.default_resources.model_copy(update=given)
 
     def _result(self, assignment: WorkItemAssignment, **fields: Any) -> WorkItemResult:
         return WorkItemResult(
@@ -189,6 +206,8 @@ def _status(
         return "error", outcome.error
     if outcome.canceled:
         return "canceled", "canceled while running; its process tree was killed"
+    if outcome.limit is not None and outcome.limit.limit != "timeout":
+        return "resource_limit", describe(outcome.limit)
     if outcome.timed_out:
         return "timeout", f"timed out after {timeout_s:g} s; its process tree was killed"
     code = outcome.exit_code

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -17,6 +18,7 @@ import structlog
 from nats.errors import Error as NatsError
 
 from bus import Bus, subjects
+from bus.auth import NatsAuth
 from bus.logs import configure_logging
 from schemas import (
     Ack,
@@ -29,10 +31,12 @@ from schemas import (
     LeaseRelease,
     LeaseRequest,
     Plan,
+    PlannerSpec,
     PlanRequest,
     ProgressEvent,
     RequestRejected,
     ResourceSnapshot,
+    ResourceSpec,
     SnapshotRequest,
     TaskRef,
     UsageEvent,
@@ -42,6 +46,7 @@ from schemas import (
 )
 
 from .executor import ExecutorCore
+from .llm import LLMError, OllamaPlanner, PromptRunner
 from .planner import DeclarativePlanner, PlannerError
 from .resources import LeaseBook, LeaseRefused
 from .verifier import VerifierCore
@@ -65,9 +70,10 @@ class AgentHost:
     #: Seconds between two samples of this agent's CPU and RSS (and its children's).
     usage_interval_s: ClassVar[float] = 1.0
 
-    def __init__(self, settings: AgentSettings):
+    def __init__(self, settings: AgentSettings, auth: NatsAuth | None = None):
         configure_logging(json=True)
         self.settings = settings
+        self.auth = auth
         self.agent_id = settings.agent_id
         self.bus: Bus | None = None
         self.log = log.bind(agent=self.agent_id)
@@ -75,7 +81,7 @@ class AgentHost:
         self._started = asyncio.get_event_loop().create_task(self._start())
 
     async def _start(self) -> None:
-        self.bus = await Bus.connect(self.settings.nats_url, name=self.agent_id)
+        self.bus = await Bus.connect(self.settings.nats_url, name=self.agent_id, auth=self.auth)
         await self.serve(self.bus)
         self._sampler = asyncio.get_running_loop().create_task(self._sample_usage(self.bus))
         self.log.info("agent serving", role=self.role, pid=os.getpid())
@@ -137,68 +143,138 @@ class PlannerHost(AgentHost):
     role = "planner"
 
     async def serve(self, bus: Bus) -> None:
-        self.core = DeclarativePlanner(agent_id=self.agent_id)
+        self.declarative = DeclarativePlanner(agent_id=self.agent_id)
+        self.ollama = OllamaPlanner(agent_id=self.agent_id)
         await bus.serve(subjects.PLANNER_PLAN, PlanRequest, self._plan, queue=subjects.PLANNERS)
 
     async def _plan(self, request: PlanRequest) -> Plan:
+        """Declarative tasks never touch Ollama; ``strategy: ollama`` asks the model."""
+        core = self.ollama if request.spec.planner.strategy == "ollama" else self.declarative
         try:
-            return await self.core.plan(request)
-        except PlannerError as exc:
+            return await core.plan(request)
+        except (PlannerError, LLMError) as exc:
             raise RequestRejected(subjects.PLANNER_PLAN, "invalid", str(exc)) from None
 
 
+AGENT_ENV = "HIVEBUS_AGENT_ID"
+
+
+def agent_mark(settings: AgentSettings) -> str:
+    return f"{settings.hive_id}/{settings.agent_id}"
+
+
+def sweep_orphans(mark: str) -> int:
+    """Kill processes left by an earlier life of this agent (it was killed mid-item).
+
+    Every work item child carries ``HIVEBUS_AGENT_ID`` in its environment, which its own
+    children inherit, so this finds the whole tree even after it was re-parented.
+    """
+    killed = 0
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
+            continue
+        try:
+            if proc.environ().get(AGENT_ENV) == mark:
+                proc.kill()
+                killed += 1
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return killed
+
+
 class ExecutorHost(AgentHost):
-    """Runs one work item at a time; a request that finds it busy is answered ``busy``."""
+    """Runs one work item at a time; a request that finds it busy is answered ``busy``.
+
+    Delivery is at least once, so the same attempt (same idempotency key) may arrive
+    twice: while it runs, the copy waits for the same result; after it ran, the copy gets
+    the remembered result. Every result is also stored in the event stream under its
+    idempotency key, where a second copy is dropped.
+    """
 
     role = "executor"
+    remembered_results = 512
 
     async def serve(self, bus: Bus) -> None:
+        orphans = await asyncio.to_thread(sweep_orphans, agent_mark(self.settings))
+        if orphans:
+            self.log.warning("killed processes left by an earlier life of this agent", count=orphans)
         scratch = Path(self.settings.state_dir) / "scratch" / self.agent_id
         scratch.mkdir(parents=True, exist_ok=True)
+        pool = self.settings.pool
         self.core = ExecutorCore(agent_id=self.agent_id, node_id=_node_id(),
                                  default_timeout_s=self.settings.hive.default_timeout_s,
-                                 scratch_dir=str(scratch))
+                                 scratch_dir=str(scratch),
+                                 default_resources=ResourceSpec(cpu=pool.cpu, memory_mb=pool.memory_mb))
+        self.prompts = PromptRunner(timeout_s=self.settings.hive.default_timeout_s)
         self._busy = False
+        self._running: dict[str, asyncio.Future[WorkItemResult]] = {}
+        self._recent: OrderedDict[str, WorkItemResult] = OrderedDict()
         await bus.serve(subjects.EXECUTOR_RUN, WorkItemAssignment, self._run, queue=subjects.EXECUTORS)
         await bus.subscribe(subjects.EXECUTOR_CANCEL, TaskRef, self._cancel)
 
     async def _run(self, assignment: WorkItemAssignment) -> WorkItemResult:
+        key = assignment.idempotency_key
+        if key in self._recent:
+            return self._recent[key]
+        if key in self._running:
+            return await asyncio.shield(self._running[key])
         if self._busy:
             raise RequestRejected(subjects.EXECUTOR_RUN, "busy", f"{self.agent_id} is running another item")
         self._busy = True
-        assert self.bus is not None
+        running = self._running[key] = asyncio.get_running_loop().create_future()
         try:
-            lease = await self._lease(assignment)
-            try:
-                await self.bus.publish(subjects.progress(assignment.task_id), ProgressEvent(
-                    task_id=assignment.task_id, iteration=assignment.iteration,
-                    kind="item_started", item_id=assignment.item.id,
-                    attempt=assignment.attempt, agent_id=self.agent_id,
-                ))
-                result = await self.core.run(assignment)
-                if result.limit is not None and result.status == "resource_limit":
-                    hit = result.limit
-                    await self.bus.publish(subjects.limit_exceeded(self.agent_id), LimitExceededEvent(
-                        agent_id=self.agent_id, task_id=result.task_id, item_id=result.item_id,
-                        limit=hit.limit, limit_value=hit.limit_value, peak_value=hit.peak_value,
-                        mechanism=hit.mechanism))
-                return result
-            finally:
-                await self.bus.request(subjects.RESOURCES_RELEASE,
-                                       LeaseRelease(lease_id=lease.lease_id), Ack)
+            result = await self._execute(assignment)
+        except BaseException:
+            # Copies waiting on this attempt get no answer from here; their sender re-sends.
+            running.cancel()
+            raise
+        else:
+            running.set_result(result)
+            self._recent[key] = result
+            while len(self._recent) > self.remembered_results:
+                self._recent.popitem(last=False)
+            return result
         finally:
+            del self._running[key]
             self._busy = False
+
+    async def _execute(self, assignment: WorkItemAssignment) -> WorkItemResult:
+        assert self.bus is not None
+        assignment = assignment.model_copy(update={"env": {**assignment.env, AGENT_ENV: agent_mark(self.settings)}})
+        lease = await self._lease(assignment)
+        try:
+            await self.bus.publish(subjects.progress(assignment.task_id), ProgressEvent(
+                task_id=assignment.task_id, iteration=assignment.iteration,
+                kind="item_started", item_id=assignment.item.id,
+                attempt=assignment.attempt, agent_id=self.agent_id,
+            ))
+            if assignment.item.kind == "prompt":
+                result = await self.prompts.run(assignment, planner=assignment.llm or PlannerSpec(),
+                                                agent_id=self.agent_id)
+            else:
+                result = await self.core.run(assignment)
+            if result.limit is not None and result.status == "resource_limit":
+                hit = result.limit
+                await self.bus.publish(subjects.limit_exceeded(self.agent_id), LimitExceededEvent(
+                    agent_id=self.agent_id, task_id=result.task_id, item_id=result.item_id,
+                    limit=hit.limit, limit_value=hit.limit_value, peak_value=hit.peak_value,
+                    mechanism=hit.mechanism))
+            await self.bus.publish(subjects.result(result.task_id, result.item_id), result,
+                                   msg_id=assignment.idempotency_key)
+            return result
+        finally:
+            await self.bus.call(subjects.RESOURCES_RELEASE, LeaseRelease(lease_id=lease.lease_id), Ack)
 
     async def _lease(self, assignment: WorkItemAssignment) -> Lease:
         assert self.bus is not None
         pool = self.settings.pool
         wait_s = (assignment.item.timeout_s or self.settings.hive.default_timeout_s) + 60
         request = LeaseRequest(
-            agent_id=self.agent_id, task_id=assignment.task_id, item_id=assignment.item.id,
+            agent_id=self.agent_id, pid=os.getpid(), task_id=assignment.task_id, item_id=assignment.item.id,
             cpu=assignment.resources.cpu or pool.cpu,
             memory_mb=assignment.resources.memory_mb or pool.memory_mb, wait_s=wait_s,
         )
-        return await self.bus.request(subjects.RESOURCES_LEASE, request, Lease, timeout=wait_s + 5)
+        return await self.bus.call(subjects.RESOURCES_LEASE, request, Lease, timeout=wait_s + 5)
 
     async def _cancel(self, ref: TaskRef) -> None:
         killed = self.core.cancel(ref.task_id)
@@ -228,10 +304,13 @@ class ResourceHost(AgentHost):
     """The resource manager: one per hive, the single writer of the lease book."""
 
     role = "resources"
+    #: An agent silent this long is dead (Ray restarts take a few seconds): its leases return.
+    silence_s: ClassVar[float] = 10.0
 
     async def serve(self, bus: Bus) -> None:
         hive, pool = self.settings.hive, self.settings.hive.executor
         self._waiters: dict[int, asyncio.Future[Lease]] = {}
+        self._requests: dict[str, asyncio.Future[Lease]] = {}  # request_id -> its lease
         self.usage: dict[str, AgentUsage] = {}
         self.book = LeaseBook(total_cpu=hive.total_cpu, total_memory_mb=hive.total_memory_mb,
                               agent_cpu=pool.cpu, agent_memory_mb=pool.memory_mb)
@@ -239,13 +318,56 @@ class ResourceHost(AgentHost):
         await bus.serve(subjects.RESOURCES_RELEASE, LeaseRelease, self._release, queue=subjects.RESOURCE_MANAGERS)
         await bus.serve(subjects.RESOURCES_SNAPSHOT, SnapshotRequest, self._snapshot, queue=subjects.RESOURCE_MANAGERS)
         await bus.subscribe(subjects.usage("*"), UsageEvent, self._on_usage)
+        self._last_seen: dict[str, float] = {}
+        self._reaper = asyncio.get_running_loop().create_task(self._reap_silent())
 
     async def _on_usage(self, event: UsageEvent) -> None:
+        previous = self.usage.get(event.agent_id)
         self.usage[event.agent_id] = AgentUsage(
             agent_id=event.agent_id, pid=event.pid, cpu_percent=event.cpu_percent,
             rss_mb=event.rss_mb, children=event.children, sampled_at=event.ts)
+        self._last_seen[event.agent_id] = asyncio.get_running_loop().time()
+        if previous is not None and previous.pid != event.pid:
+            await self._reclaim(event.agent_id, alive_pid=event.pid, why="restarted")
+
+    async def _reap_silent(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            now = asyncio.get_running_loop().time()
+            for agent, seen in list(self._last_seen.items()):
+                if now - seen > self.silence_s:
+                    del self._last_seen[agent]
+                    await self._reclaim(agent, alive_pid=None, why="silent")
+
+    async def _reclaim(self, agent_id: str, *, alive_pid: int | None, why: str) -> None:
+        """Leases of a dead agent process come back; its queued requests are dropped."""
+        taken, dropped, granted = self.book.reclaim(agent_id, alive_pid=alive_pid)
+        for waiting in dropped:
+            future = self._waiters.get(id(waiting))
+            if future is not None and not future.done():
+                future.cancel()
+        for lease in taken:
+            await self._announce("release", lease)
+        if taken or dropped:
+            self.log.warning("reclaimed the leases of a dead agent process", dead=agent_id, why=why,
+                             leases=len(taken), queued=len(dropped))
+        self._hand_out(granted)
 
     async def _lease(self, request: LeaseRequest) -> Lease:
+        earlier = self._requests.get(request.request_id)
+        if earlier is not None:  # the same request again: the same lease
+            return await asyncio.shield(earlier)
+        answer = self._requests[request.request_id] = asyncio.get_running_loop().create_future()
+        try:
+            lease = await self._admit(request)
+        except BaseException:
+            del self._requests[request.request_id]
+            answer.cancel()
+            raise
+        answer.set_result(lease)
+        return lease
+
+    async def _admit(self, request: LeaseRequest) -> Lease:
         try:
             lease, waiting = self.book.request(request)
         except LeaseRefused as exc:
@@ -256,6 +378,11 @@ class ResourceHost(AgentHost):
             self._waiters[id(waiting)] = granted
             try:
                 lease = await asyncio.wait_for(granted, timeout=request.wait_s)
+            except asyncio.CancelledError:
+                if not granted.cancelled():
+                    raise
+                raise RequestRejected(subjects.RESOURCES_LEASE, "conflict",
+                                      f"{request.agent_id} (pid {request.pid}) is gone") from None
             except asyncio.TimeoutError:
                 self._hand_out(self.book.withdraw(waiting))
                 raise RequestRejected(subjects.RESOURCES_LEASE, "busy",
@@ -269,6 +396,8 @@ class ResourceHost(AgentHost):
         lease, granted = self.book.release(release.lease_id)
         if lease is None:
             return Ack(ok=False, message=f"no lease {release.lease_id!r}")
+        self._requests = {rid: f for rid, f in self._requests.items()
+                          if not (f.done() and not f.cancelled() and f.result().lease_id == lease.lease_id)}
         await self._announce("release", lease)
         self._hand_out(granted)
         return Ack()

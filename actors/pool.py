@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from typing import Any
 
 import ray
 
+from bus.auth import NatsAuth
 from schemas import AgentSettings, HiveConfig, HivebusError
 
 from .hosts import HOSTS
@@ -43,9 +45,12 @@ def agent_names(config: HiveConfig) -> list[tuple[str, str]]:
 class AgentPool:
     """The agents of one hive. Ray restarts a crashed agent; ``stop`` ends them for good."""
 
-    def __init__(self, *, config: HiveConfig, nats_url: str, state_dir: str):
+    def __init__(self, *, config: HiveConfig, nats_url: str, state_dir: str,
+                 auth: NatsAuth | None = None):
         self.config = config
         self.nats_url = nats_url
+        self.auth = auth
+        self.hive_id = uuid.uuid4().hex[:12]
         self.state_dir = state_dir
         self.actors: dict[str, Any] = {}
         self.info: dict[str, dict[str, Any]] = {}
@@ -63,13 +68,14 @@ class AgentPool:
                     f"an actor named {agent_id!r} already lives in Ray namespace {NAMESPACE!r}: "
                     "another hive runs on this Ray cluster; stop it first"
                 )
-            settings = AgentSettings(role=role, agent_id=agent_id, nats_url=self.nats_url,  # type: ignore[arg-type]
+            settings = AgentSettings(role=role, agent_id=agent_id, hive_id=self.hive_id,  # type: ignore[arg-type]
+                                     nats_url=self.nats_url,
                                      pool=pool, hive=self.config, state_dir=self.state_dir)
             actor = ray.remote(HOSTS[role]).options(  # type: ignore[call-overload]
                 name=agent_id, namespace=NAMESPACE, num_cpus=pool.cpu,
                 memory=pool.memory_mb * MiB, resources=pool.resources or None,
                 max_restarts=-1, max_task_retries=0, max_concurrency=1000,
-            ).remote(settings)
+            ).remote(settings, self.auth)
             self.actors[agent_id] = actor
             refs.append(actor.ready.remote())
         return refs

@@ -84,6 +84,23 @@ class LeaseBook:
             return []
         return self._grant_queued()
 
+    def reclaim(self, agent_id: str, *, alive_pid: int | None = None) -> tuple[list[Lease], list[_Waiting], list[_Waiting]]:
+        """Take back what a dead process of ``agent_id`` held: every lease and queued
+        request not made by ``alive_pid`` (all of them when None).
+
+        Returns (leases taken back, queued requests dropped, queued requests now granted).
+        """
+        def dead(pid: int, agent: str) -> bool:
+            return agent == agent_id and (alive_pid is None or pid != alive_pid)
+
+        taken = [lease for lease in self.leases.values() if dead(lease.pid, lease.agent_id)]
+        for lease in taken:
+            del self.leases[lease.lease_id]
+        dropped = [w for w in self.queue if dead(w.request.pid, w.request.agent_id)]
+        for waiting in dropped:
+            self.queue.remove(waiting)
+        return taken, dropped, self._grant_queued()
+
     def _fits(self, request: LeaseRequest) -> bool:
         agent = [l for l in self.leases.values() if l.agent_id == request.agent_id]
         return (
@@ -95,7 +112,7 @@ class LeaseBook:
 
     def _grant(self, request: LeaseRequest, *, waited_s: float) -> Lease:
         lease = Lease(
-            lease_id=f"lease-{next(self._ids)}", agent_id=request.agent_id,
+            lease_id=f"lease-{next(self._ids)}", agent_id=request.agent_id, pid=request.pid,
             task_id=request.task_id, item_id=request.item_id, cpu=request.cpu,
             memory_mb=request.memory_mb, waited_s=round(waited_s, 4),
         )

@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
-import nats
 import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 from nats.errors import (
+    BadSubjectError,
     ConnectionClosedError,
     MaxPayloadError,
     NoRespondersError,
     NoServersError,
 )
+from nats.errors import Error as NatsError
 from nats.errors import TimeoutError as NatsTimeout
 from nats.js.api import DeliverPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
@@ -32,6 +35,7 @@ from schemas import (
 from schemas.codec import MSGPACK, content_type_of, encode, loads, validate
 
 from . import subjects
+from .auth import ConnectRefused, NatsAuth, is_refusal, public_url, refusal_sentence
 
 log = structlog.get_logger("hivebus.bus")
 
@@ -41,6 +45,10 @@ Handler = Callable[[Any], Awaitable[Message]]
 #: How long the audit stream keeps events (resource.usage samples would grow it forever).
 EVENTS_MAX_AGE_S = 7 * 24 * 3600
 EVENTS_PER_SUBJECT = 100_000
+#: How long a durable publish or KV write keeps trying while NATS is away.
+RETRY_PATIENCE_S = 120.0
+#: The largest request body hivebus reads; larger ones get Rejected(too_large).
+MAX_REQUEST_BYTES = 1024 * 1024
 
 
 class Bus:
@@ -53,14 +61,51 @@ class Bus:
         self.nc = nc
         self.js = nc.jetstream()
         self._handlers: set[asyncio.Task[None]] = set()
+        #: How many times the connection was re-established; a reply awaited across a
+        #: reconnect may have been lost with the old connection.
+        self.epoch = 0
+        self._reconnect_waiters: list[asyncio.Future[None]] = []
+
+    def _on_reconnected(self) -> None:
+        self.epoch += 1
+        waiters, self._reconnect_waiters = self._reconnect_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def reconnected(self) -> None:
+        """Wait for the next reconnect."""
+        waiter = asyncio.get_running_loop().create_future()
+        self._reconnect_waiters.append(waiter)
+        await waiter
 
     @classmethod
-    async def connect(cls, url: str, *, name: str, connect_timeout_s: float = 5.0) -> Bus:
+    async def connect(cls, url: str, *, name: str, connect_timeout_s: float = 5.0,
+                      auth: NatsAuth | None = None) -> Bus:
+        """Connect to NATS at ``url`` with ``auth``'s credentials and TLS files.
+
+        A server that refuses the credentials (or wants TLS the options do not give)
+        raises TransportError at once with a sentence; an unreachable one is retried.
+        """
+        holder: list[Bus] = []
+        connecting = [True]
+
         async def on_error(exc: Exception) -> None:
+            # nats-py retries a refused first connect forever (max_reconnect_attempts=-1);
+            # raising from its error callback is the way to stop it.
+            if connecting[0] and is_refusal(exc):
+                raise ConnectRefused(exc)
             log.warning("nats error", error=str(exc), client=name)
 
+        async def on_reconnected() -> None:
+            log.info("nats reconnected", client=name)
+            if holder:
+                holder[0]._on_reconnected()
+
+        options = auth.connect_options() if auth is not None else {}
+        nc = Client()
         try:
-            nc = await nats.connect(
+            await nc.connect(
                 servers=[url],
                 name=name,
                 connect_timeout=connect_timeout_s,
@@ -68,12 +113,24 @@ class Bus:
                 max_reconnect_attempts=-1,
                 reconnect_time_wait=0.25,
                 error_cb=on_error,
+                reconnected_cb=on_reconnected,
                 # Keep publishes made while the server restarts and send them after.
                 pending_size=64 * 1024 * 1024,
+                **options,
             )
+        except ConnectRefused as refused:
+            try:
+                await asyncio.wait_for(nc.close(), 2.0)
+            except (asyncio.TimeoutError, NatsError, OSError):
+                pass  # a TLS handshake that failed may never report its socket closed
+            raise TransportError(refusal_sentence(public_url(url), auth, refused.error)) from None
         except (NoServersError, OSError, asyncio.TimeoutError) as exc:
-            raise TransportError(f"cannot reach NATS at {url}: {exc or type(exc).__name__}") from None
-        return cls(nc)
+            raise TransportError(
+                f"cannot reach NATS at {public_url(url)}: {exc or type(exc).__name__}") from None
+        connecting[0] = False
+        bus = cls(nc)
+        holder.append(bus)
+        return bus
 
     @property
     def url(self) -> str:
@@ -105,6 +162,54 @@ class Bus:
             raise TransportError(f"{subject}: the message is larger than the server allows") from None
         return decode_reply(subject, msg, reply_type)
 
+    async def call(self, subject: str, message: Message, reply_type: type[M], *,
+                   timeout: float = 10.0, patience_s: float = RETRY_PATIENCE_S) -> M:
+        """A request that survives a NATS restart: sent again when the connection is
+        re-established while it waits, since its reply may have been lost with the old one.
+
+        Only for requests that are safe to repeat (idempotent, or deduplicated by the server).
+        """
+        deadline = time.monotonic() + patience_s
+        while True:
+            epoch = self.epoch
+            request = asyncio.ensure_future(self.request(subject, message, reply_type, timeout=timeout))
+            reconnect = asyncio.ensure_future(self.reconnected())
+            try:
+                done, _ = await asyncio.wait({request, reconnect}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                reconnect.cancel()
+            if request in done:
+                try:
+                    return request.result()
+                except TransportError:
+                    if self.nc.is_connected or time.monotonic() > deadline:
+                        raise
+                    await self._until_connected(deadline)
+                    continue
+            request.cancel()
+            await asyncio.gather(request, return_exceptions=True)
+            log.info("request sent again after a reconnect", subject=subject, epoch=epoch)
+
+    async def _until_connected(self, deadline: float) -> None:
+        while not self.nc.is_connected and time.monotonic() < deadline and not self.nc.is_closed:
+            await asyncio.sleep(0.05)
+
+    async def retry(self, operation: Callable[[], Awaitable[Any]], *, what: str,
+                    patience_s: float = RETRY_PATIENCE_S) -> Any:
+        """Run a JetStream operation until it succeeds; NATS may be restarting meanwhile."""
+        deadline = time.monotonic() + patience_s
+        delay = 0.05
+        while True:
+            try:
+                return await operation()
+            except (NatsError, asyncio.TimeoutError) as exc:
+                fatal = isinstance(exc, (MaxPayloadError, BadSubjectError)) or self.nc.is_closed
+                if fatal or time.monotonic() > deadline:
+                    raise TransportError(f"{what}: {exc or type(exc).__name__}") from None
+                log.info("retrying", what=what, error=str(exc) or type(exc).__name__)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+
     async def serve(self, subject: str, request_type: type[Message], handler: Handler, *,
                     queue: str = "", concurrent: bool = True) -> Any:
         """Answer requests on ``subject`` (in ``queue`` group) with ``handler``'s typed reply.
@@ -128,6 +233,9 @@ class Bus:
     async def _answer(self, msg: Msg, request_type: type[Message], handler: Handler) -> None:
         ctype = content_type_of(msg.data, msg.headers)
         try:
+            if len(msg.data) > MAX_REQUEST_BYTES:
+                raise CodecError("too_large", f"the body has {len(msg.data)} bytes; "
+                                              f"{msg.subject} reads at most {MAX_REQUEST_BYTES}")
             request = validate(loads(msg.data, ctype), request_type)
         except CodecError as exc:
             await self._reply(msg, exc.rejected(), ctype)
@@ -160,10 +268,27 @@ class Bus:
 
     # -- events -------------------------------------------------------------------
 
-    async def publish(self, subject: str, event: Message) -> None:
-        """Publish an event and wait until the audit stream has stored it."""
+    async def publish(self, subject: str, event: Message, *, msg_id: str | None = None) -> None:
+        """Publish an event and wait until the audit stream has stored it.
+
+        Retried while NATS is away; the ``Nats-Msg-Id`` (``msg_id`` or a fresh one) lets
+        the stream drop the copy a retry may send twice.
+        """
         data, headers = encode(event)
-        await self.js.publish(subject, data, headers=headers, timeout=10.0)
+        headers["Nats-Msg-Id"] = msg_id or uuid.uuid4().hex
+        await self.retry(lambda: self.js.publish(subject, data, headers=headers, timeout=5.0),
+                         what=f"publish on {subject}")
+
+    async def last_event(self, subject: str) -> tuple[bytes, dict[str, str] | None] | None:
+        """The newest stored event on exactly ``subject``, or None."""
+        async def read() -> Any:
+            try:
+                return await self.js.get_last_msg(subjects.EVENTS_STREAM, subject)
+            except NotFoundError:
+                return None
+
+        msg = await self.retry(read, what=f"read {subject}", patience_s=30.0)
+        return None if msg is None else (msg.data, msg.headers)
 
     async def emit(self, subject: str, event: Message) -> None:
         """Publish an event without waiting for the stream (high-rate samples)."""

@@ -1,5 +1,9 @@
 """The embedded nats-server: a child process on a free loopback port with JetStream on.
 
+It requires credentials: three users (client, agent, orchestrator) with the subject
+permissions of ``nats-server.conf.template``, their passwords generated into
+``<state_dir>/auth/`` (see ``bus.auth``). ``auth=False`` runs it open, for tests only.
+
 It is stopped on ``stop()``, at interpreter exit, on Ctrl-C (through the caller's
 ``finally``) and, on Linux, when the parent process dies (PR_SET_PDEATHSIG).
 """
@@ -20,6 +24,8 @@ import time
 from pathlib import Path
 
 from schemas import HivebusError
+
+from .auth import NatsAuth, ensure_credentials, write_server_config
 
 PR_SET_PDEATHSIG = 1
 
@@ -61,9 +67,11 @@ class EmbeddedNats:
     removes it when it stops.
     """
 
-    def __init__(self, state_dir: str | Path, *, host: str = "127.0.0.1"):
+    def __init__(self, state_dir: str | Path, *, host: str = "127.0.0.1", auth: bool = True):
         self.state_dir = Path(state_dir)
         self.host = host
+        self.auth = auth
+        self._credentials: dict[str, NatsAuth] = {}
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
         self.store_dir: Path | None = None
@@ -82,6 +90,9 @@ class EmbeddedNats:
             "--ports_file_dir", str(ports_dir), "-n", f"hivebus-{os.getpid()}",
             "-l", str(log_path),
         ]
+        if self.auth:
+            self._credentials = ensure_credentials(self.state_dir)
+            cmd += ["-c", str(write_server_config(self.state_dir, self._credentials))]
         self.process = subprocess.Popen(
             cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
             preexec_fn=_die_with_parent, start_new_session=True,
@@ -139,6 +150,20 @@ class EmbeddedNats:
         if self._private_store and self.store_dir is not None:
             shutil.rmtree(self.store_dir, ignore_errors=True)
             self._private_store = False
+
+    def credentials(self, role: str) -> NatsAuth | None:
+        """The credentials of ``role`` (client, agent or orchestrator) on this server;
+        None when it runs without authentication (``auth=False``)."""
+        if not self.auth:
+            return None
+        if not self._credentials:
+            raise EmbeddedNatsError("the embedded nats-server has not been started")
+        try:
+            return self._credentials[role]
+        except KeyError:
+            raise EmbeddedNatsError(
+                f"unknown NATS role {role!r}; one of {', '.join(self._credentials)}"
+            ) from None
 
     @property
     def pid(self) -> int | None:

@@ -36,6 +36,7 @@ EVENT_SUBJECTS = [
     "task.lifecycle.>",
     "task.progress.>",
     "task.completion.>",
+    "task.result.>",
     "resource.allocation.>",
     "resource.release.>",
     "resource.usage.>",
@@ -57,6 +58,15 @@ def progress(task_id: str) -> str:
 
 def completion(task_id: str) -> str:
     return f"task.completion.{task_id}"
+
+
+def result(task_id: str, item_id: str) -> str:
+    """Where an executor stores each WorkItemResult durably (deduplicated by idempotency key)."""
+    return f"task.result.{task_id}.{item_id}"
+
+
+def results(task_id: str) -> str:
+    return f"task.result.{task_id}.>"
 
 
 def allocation(agent_id: str) -> str:

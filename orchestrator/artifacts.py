@@ -28,7 +28,7 @@ def _dump(path: Path, data: Any) -> None:
 class TaskArtifacts:
     """The files of one task, kept in memory as they grow and rewritten atomically."""
 
-    def __init__(self, root: Path, task_id: str):
+    def __init__(self, root: Path, task_id: str, *, load: bool = False):
         self.dir = safe_child(root, task_id)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.plans: list[dict[str, Any]] = []
@@ -36,6 +36,29 @@ class TaskArtifacts:
         self.attempts: dict[str, list[dict[str, Any]]] = {}
         self.latest: dict[str, WorkItemResult] = {}
         self.gates: list[dict[str, Any]] = []
+        if load:
+            self._load()
+
+    def _load(self) -> None:
+        """Pick up the files of a task that an earlier orchestrator was running."""
+        def read(name: str, default: Any) -> Any:
+            try:
+                return json.loads(self.path(name).read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                return default
+
+        self.plans = read("open_plan.json", [])
+        self.items = read("work_items.json", [])
+        self.gates = read("gate_results.json", [])
+        for path in self.dir.glob("work_item_*.json"):
+            record = read(path.name, None)
+            if not isinstance(record, dict) or "history" not in record:
+                continue
+            self.attempts[record["item_id"]] = record["history"]
+            self.latest[record["item_id"]] = WorkItemResult.model_validate(record["history"][-1])
+
+    def has_plan(self, iteration: int) -> bool:
+        return any(plan.get("iteration") == iteration for plan in self.plans)
 
     def path(self, name: str) -> Path:
         return safe_child(self.dir, name)
@@ -48,7 +71,11 @@ class TaskArtifacts:
         _dump(self.path("work_items.json"), self.items)
 
     def add_result(self, result: WorkItemResult) -> None:
-        self.attempts.setdefault(result.item_id, []).append(result.model_dump(mode="json"))
+        history = self.attempts.setdefault(result.item_id, [])
+        entry = result.model_dump(mode="json")
+        if entry in history:  # the same attempt recorded twice (a resumed task): once is enough
+            return
+        history.append(entry)
         self.latest[result.item_id] = result
         record = {
             **result.model_dump(mode="json"),

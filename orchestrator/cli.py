@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from bus import subjects
+from bus.auth import NatsAuth, NatsAuthError, auth_from_options
 from bus.logs import configure_logging
 from schemas import (
     MESSAGE_TYPES,
@@ -86,6 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--state-dir", metavar="DIR", type=Path, default=None,
                         help="artifacts and the embedded JetStream store (default: $HIVEBUS_STATE_DIR or ./.hivebus)")
     common.add_argument("-v", "--verbose", action="store_true", help="show hivebus's own log lines")
+    creds = common.add_argument_group("credentials for an external NATS (--nats)")
+    creds.add_argument("--nats-creds", metavar="FILE", help="a .creds file (JWT and nkey seed)")
+    creds.add_argument("--nats-user", metavar="USER")
+    creds.add_argument("--nats-password", metavar="PASSWORD")
+    creds.add_argument("--nats-token", metavar="TOKEN")
+    creds.add_argument("--tls-ca", metavar="FILE")
+    creds.add_argument("--tls-cert", metavar="FILE")
+    creds.add_argument("--tls-key", metavar="FILE")
 
     serving = argparse.ArgumentParser(add_help=False)
     serving.add_argument("--ray-address", metavar="ADDR", default=None,
@@ -103,13 +112,19 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(handler=handler)
         return p
 
-    p = command("run", cmd_run, "run a task file to its end with everything embedded", [common, serving])
+    planning = argparse.ArgumentParser(add_help=False)
+    planning.add_argument("--planner", choices=["declarative", "ollama"], default=None,
+                          help="override the task's planner strategy")
+    planning.add_argument("--model", metavar="NAME", default=None,
+                          help="Ollama model (default: the task's planner.model or $HIVEBUS_OLLAMA_MODEL)")
+
+    p = command("run", cmd_run, "run a task file to its end with everything embedded", [common, serving, planning])
     p.add_argument("file", type=Path, help="task file (YAML or JSON)")
     p.add_argument("--json", action="store_true", help="print one JSON line instead of live progress")
 
     command("up", cmd_up, "serve a long-running hive (task.submit and friends) until Ctrl-C", [common, serving])
 
-    p = command("submit", cmd_submit, "submit a task file to a running hive", [common])
+    p = command("submit", cmd_submit, "submit a task file to a running hive", [common, planning])
     p.add_argument("file", type=Path)
     p.add_argument("--wait", action="store_true", help="wait for the task to end; exit 0 only on SUCCEEDED")
     p.add_argument("--json", action="store_true")
@@ -200,12 +215,30 @@ def run_async(coro: Awaitable[int]) -> int:
     return asyncio.run(guarded())
 
 
+def nats_auth(args: argparse.Namespace) -> NatsAuth | None:
+    try:
+        return auth_from_options(creds=args.nats_creds, user=args.nats_user,
+                                 password=args.nats_password, token=args.nats_token,
+                                 tls_ca=args.tls_ca, tls_cert=args.tls_cert, tls_key=args.tls_key)
+    except NatsAuthError as exc:
+        raise UsageError(str(exc)) from None
+
+
 async def client(args: argparse.Namespace) -> AsyncHive:
-    return await AsyncHive.connect(find_nats(args), state_dir=state_dir(args))
+    return await AsyncHive.connect(find_nats(args), state_dir=state_dir(args), auth=nats_auth(args))
+
+
+def planner_overrides(args: argparse.Namespace) -> dict[str, str]:
+    overrides = {}
+    if args.planner:
+        overrides["strategy"] = args.planner
+    if args.model:
+        overrides["model"] = args.model
+    return overrides
 
 
 def load_for(args: argparse.Namespace, config: HiveConfig | None = None) -> TaskSpec:
-    spec = load_task_file(args.file)
+    spec = load_task_file(args.file, planner=planner_overrides(args))
     problems = task_problems(spec, config or HiveConfig())
     if problems:
         raise TaskFileError(str(args.file), problems)
@@ -277,7 +310,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             console.print(f"[bold]{escape(spec.title)}[/] — starting NATS, Ray and "
                           f"{config.executor.replicas} executor(s)…")
         hive = await AsyncHive.start(config=config, state_dir=state_dir(args), nats_url=args.nats,
-                                     ray_address=args.ray_address,
+                                     ray_address=args.ray_address, nats_auth=nats_auth(args),
                                      workdir_root=args.file.resolve().parent)
         trap_sigterm()
         try:
@@ -303,7 +336,7 @@ def cmd_up(args: argparse.Namespace, console: Console) -> int:
 
     async def go() -> int:
         hive = await AsyncHive.start(config=config, state_dir=state, nats_url=args.nats,
-                                     ray_address=args.ray_address)
+                                     ray_address=args.ray_address, nats_auth=nats_auth(args))
         trap_sigterm()
         marker = hive_file(state)
         try:
@@ -320,7 +353,7 @@ def cmd_up(args: argparse.Namespace, console: Console) -> int:
 
 
 def cmd_submit(args: argparse.Namespace, console: Console) -> int:
-    spec = load_task_file(args.file)
+    spec = load_task_file(args.file, planner=planner_overrides(args))
 
     async def go() -> int:
         hive = await client(args)

@@ -23,6 +23,7 @@ from nats.js.errors import NotFoundError
 
 from actors import NAMESPACE, AgentPool, fit_to_cluster
 from bus import Bus, EmbeddedNats, subjects
+from bus.auth import NatsAuth, load_role
 from schemas import (
     CompletionEvent,
     HiveConfig,
@@ -98,8 +99,14 @@ class AsyncHive:
     @classmethod
     async def start(cls, *, config: HiveConfig | None = None, state_dir: str | Path | None = None,
                     nats_url: str | None = None, ray_address: str | None = None,
-                    workdir_root: str | Path | None = None, owns_ray: bool | None = None) -> AsyncHive:
-        """Start what is not given: an embedded nats-server, a local Ray, the agents, the orchestrator."""
+                    workdir_root: str | Path | None = None, owns_ray: bool | None = None,
+                    nats_auth: NatsAuth | None = None, agent_auth: NatsAuth | None = None) -> AsyncHive:
+        """Start what is not given: an embedded nats-server, a local Ray, the agents, the orchestrator.
+
+        The embedded server requires credentials, generated into ``<state_dir>/auth``: the
+        orchestrator connects as ``orchestrator``, the agents as ``agent``. With ``nats_url``,
+        ``nats_auth`` is what both present (``agent_auth``, if given, is the agents' own).
+        """
         config = config or HiveConfig()
         state = Path(state_dir).resolve() if state_dir else default_state_dir()
         state.mkdir(parents=True, exist_ok=True)
@@ -110,14 +117,17 @@ class AsyncHive:
             if not nats_url:
                 nats = EmbeddedNats(state)
                 nats_url = nats.start()
+                nats_auth, agent_auth = nats.credentials("orchestrator"), nats.credentials("agent")
             started_ray = init_ray(config, ray_address) if owns_ray is None else owns_ray
             config = fit_to_cluster(config)
-            bus = await Bus.connect(nats_url, name="hivebus-orchestrator")
+            bus = await Bus.connect(nats_url, name="hivebus-orchestrator", auth=nats_auth)
             orchestrator = Orchestrator(bus=bus, config=config, state_dir=state,
                                         workdir_root=Path(workdir_root) if workdir_root else None)
             await orchestrator.start()
-            pool = AgentPool(config=config, nats_url=nats_url, state_dir=str(state))
+            pool = AgentPool(config=config, nats_url=nats_url, state_dir=str(state),
+                             auth=agent_auth or nats_auth)
             await pool.start_async()
+            await orchestrator.resume()
         except BaseException:
             await _close(orchestrator, pool, bus, nats, started_ray)
             raise
@@ -126,15 +136,17 @@ class AsyncHive:
 
     @classmethod
     async def connect(cls, nats_url: str, ray_address: str | None = None, *,
-                      state_dir: str | Path | None = None) -> AsyncHive:
+                      state_dir: str | Path | None = None, auth: NatsAuth | None = None) -> AsyncHive:
         """A client of a hive that runs elsewhere (``hivebus up``); talks NATS only.
 
-        With ``ray_address`` it also joins that Ray cluster, e.g. to look at the agents.
+        Without ``auth`` it presents the ``client`` credentials of the state dir's embedded
+        server, if there are any. With ``ray_address`` it also joins that Ray cluster.
         """
+        state = Path(state_dir).resolve() if state_dir else default_state_dir()
         if ray_address and not ray.is_initialized():
             ray.init(address=ray_address, namespace=NAMESPACE, log_to_driver=False)
-        bus = await Bus.connect(nats_url, name="hivebus-client")
-        return cls(bus=bus, state_dir=Path(state_dir).resolve() if state_dir else default_state_dir())
+        bus = await Bus.connect(nats_url, name="hivebus-client", auth=auth or load_role(state, "client"))
+        return cls(bus=bus, state_dir=state)
 
     async def close(self) -> None:
         """Stop everything this hive started; a client only disconnects."""

@@ -14,17 +14,20 @@ import secrets
 import time
 from collections.abc import Hashable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 
-from nats.js.errors import NotFoundError
+from nats.js.errors import NoKeysError, NotFoundError
 
 from bus import Bus, subjects
 from schemas import (
     MESSAGE_TYPES,
     PRIORITY_RANK,
+    Message,
+    Checkpoint,
     CompletionEvent,
     ExitReason,
     GateOutcome,
@@ -48,10 +51,12 @@ from schemas import (
     TaskSpec,
     TaskState,
     TransportError,
+    UsageEvent,
     VerifyRequest,
     WorkItemAssignment,
     WorkItemResult,
     WorkItemSpec,
+    FailureContext,
     dag_problems,
     encode,
     utcnow,
@@ -65,11 +70,15 @@ from .scheduler import Scheduler
 from .validation import limit_problems, task_problems
 
 log = structlog.get_logger("hivebus.orchestrator")
+M = TypeVar("M", bound=Message)
 
 #: Extra seconds a dispatch waits beyond the item's own timeout (lease wait, overhead).
 DISPATCH_SLACK_S = 60.0
 #: How long dispatch keeps trying while no executor serves the subject at all.
 NO_EXECUTOR_PATIENCE_S = 120.0
+#: An executor whose usage samples (one a second) stop for this long, or that comes
+#: back with another pid, has lost the item it was running: it is dispatched again.
+HEARTBEAT_TIMEOUT_S = 3.5
 
 
 class TaskEnded(Exception):
@@ -123,6 +132,10 @@ class Orchestrator:
         self._pump: asyncio.Task[None] | None = None
         self._kv = None
         self._subs: list[object] = []
+        #: agent_id -> (pid, monotonic time) of its latest usage sample
+        self._heartbeats: dict[str, tuple[int, float]] = {}
+        #: idempotency key -> (agent_id, pid) of the executor that started it
+        self._started: dict[str, tuple[str, int]] = {}
 
     # -- lifecycle of the service -------------------------------------------------
 
@@ -137,8 +150,47 @@ class Orchestrator:
             await self.bus.serve(subjects.TASK_LIST, TaskQuery, self._on_list, queue=q),
             await self.bus.serve(subjects.TASK_CANCEL, TaskRef, self._on_cancel, queue=q),
             await self.bus.serve(subjects.TASK_APPROVE, TaskRef, self._on_approve, queue=q),
+            await self.bus.subscribe(subjects.usage("*"), UsageEvent, self._on_usage),
+            await self.bus.subscribe(subjects.progress("*"), ProgressEvent, self._on_progress),
         ]
         self._pump = asyncio.get_running_loop().create_task(self._dispatch_loop())
+
+    async def resume(self) -> None:
+        """Take over every task in ``hivebus_tasks``; continue the ones that had not ended.
+
+        Call it once the agents serve: a resumed task plans and dispatches at once.
+        """
+        assert self._kv is not None
+        try:
+            keys = await self._kv.keys()
+        except NoKeysError:  # an empty bucket
+            return
+        for task_id in keys:
+            entry = await self._kv.get(task_id)
+            record = decode(entry.value or b"", TaskRecord)
+            task = _Task(record=record, artifacts=TaskArtifacts(self.artifacts_root, task_id, load=True))
+            self.tasks[task_id] = task
+            state = record.state
+            if state.terminal:
+                continue
+            log.info("resuming task", task_id=task_id, state=state.value, stage=record.stage,
+                     iteration=record.iteration)
+            if state == TaskState.DRAFT:
+                self._watch_approval_deadline(task)
+            elif state == TaskState.APPROVED:
+                await self._save(task, transition(record, TaskState.QUEUED, now=utcnow()))
+                task.loop = asyncio.get_running_loop().create_task(self._drive(task))
+            else:
+                task.loop = asyncio.get_running_loop().create_task(self._drive(task))
+
+    async def _on_usage(self, event: UsageEvent) -> None:
+        self._heartbeats[event.agent_id] = (event.pid, time.monotonic())
+
+    async def _on_progress(self, event: ProgressEvent) -> None:
+        if event.kind == "item_started" and event.item_id is not None:
+            key = f"{event.task_id}:{event.iteration}:{event.item_id}:{event.attempt}"
+            pid = self._heartbeats.get(event.agent_id, (0, 0.0))[0]
+            self._started[key] = (event.agent_id, pid)
 
     async def stop(self) -> None:
         """Stop serving and abandon running loops (their records stay as they are)."""
@@ -259,8 +311,9 @@ class Orchestrator:
             task.record.state, task.record.stage, task.record.iteration)
         task.record = record
         data, _ = encode(record)
-        assert self._kv is not None
-        await self._kv.put(record.task_id, data)
+        kv = self._kv
+        assert kv is not None
+        await self.bus.retry(lambda: kv.put(record.task_id, data), what=f"store task {record.task_id}")
         if announce and changed:
             await self._announce(record)
 
@@ -320,18 +373,28 @@ class Orchestrator:
 
     async def _iterate(self, task: _Task) -> None:
         spec = task.record.spec
-        now = utcnow()
-        await self._save(task, transition(task.record, TaskState.RUNNING, now=now, stage="planning"))
-        previous_fp: str | None = None
-        failure = None
-        for iteration in itertools.count(1):
-            await self._save(task, enter_stage(task.record, "planning", now=utcnow(), iteration=iteration))
+        resuming = task.record.state == TaskState.RUNNING and task.record.checkpoint is not None
+        if resuming:
+            checkpoint = task.record.checkpoint
+            assert checkpoint is not None
+        else:
+            await self._save(task, transition(task.record, TaskState.RUNNING, now=utcnow(), stage="planning"))
+            checkpoint = Checkpoint(iteration=1)
+        previous_fp = checkpoint.previous_fingerprint
+        failure = checkpoint.failure
+        for iteration in itertools.count(checkpoint.iteration):
+            checkpoint = Checkpoint(iteration=iteration, failure=failure, previous_fingerprint=previous_fp)
+            record = enter_stage(task.record, "planning", now=utcnow(), iteration=iteration)
+            await self._save(task, record.model_copy(update={"checkpoint": checkpoint}))
             iteration_record = IterationRecord(iteration=iteration)
             plan = await self._plan(task, iteration, failure)
-            task.artifacts.add_plan(plan)
+            if not (resuming and task.artifacts.has_plan(iteration)):
+                task.artifacts.add_plan(plan)
 
             await self._save(task, enter_stage(task.record, "executing", now=utcnow()))
-            results = await self._execute(task, plan)
+            finished = await self._stored_results(task, iteration) if resuming else {}
+            resuming = False
+            results = await self._execute(task, plan, finished=finished)
             item_results = list(results.values())
             failed = [r for r in item_results if r.status not in ("succeeded", "skipped")]
 
@@ -346,7 +409,8 @@ class Orchestrator:
             verdict = judge_iteration(
                 iteration=iteration, max_iterations=spec.max_iterations,
                 item_results=item_results, gate_results=gate_results,
-                previous_fingerprint=previous_fp, can_replan=bool(spec.on_gate_failure),
+                previous_fingerprint=previous_fp,
+                can_replan=bool(spec.on_gate_failure) or spec.planner.strategy == "ollama",
             )
             current_fp = fingerprint(item_results, gate_results or [])
             iteration_record = iteration_record.model_copy(update={
@@ -374,12 +438,24 @@ class Orchestrator:
                            peak_rss_mb=result.peak_rss_mb, cpu_seconds=result.cpu_seconds,
                            agent_id=result.agent_id)
 
-    async def _plan(self, task: _Task, iteration: int, failure: object) -> Plan:
+    async def _agent_call(self, subject: str, request: Message, reply_type: type[M], *,
+                          timeout: float) -> M:
+        """A request to an agent pool that waits a while for an agent to serve (restarts)."""
+        patience = time.monotonic() + NO_EXECUTOR_PATIENCE_S
+        while True:
+            try:
+                return await self.bus.call(subject, request, reply_type, timeout=timeout)
+            except TransportError as exc:
+                if "nobody is serving" not in str(exc) or time.monotonic() > patience:
+                    raise
+            await asyncio.sleep(0.2)
+
+    async def _plan(self, task: _Task, iteration: int, failure: FailureContext | None) -> Plan:
         record = task.record
         request = PlanRequest(task_id=record.task_id, iteration=iteration, spec=record.spec,
-                              failure=failure)  # type: ignore[arg-type]
+                              failure=failure)
         try:
-            plan = await self.bus.request(subjects.PLANNER_PLAN, request, Plan, timeout=120)
+            plan = await self._agent_call(subjects.PLANNER_PLAN, request, Plan, timeout=120)
         except (RequestRejected, TransportError) as exc:
             raise TaskEnded(TaskState.FAILED, "planner_error", f"planning failed: {exc}") from None
         # A plan is checked like a task file, whoever made it.
@@ -397,7 +473,7 @@ class Orchestrator:
         for gate in record.spec.gates:
             await self._progress(task, iteration, "gate_started", gate=gate.name)
         try:
-            reply = await self.bus.request(subjects.VERIFIER_VERIFY, request, GateResults, timeout=timeout)
+            reply = await self._agent_call(subjects.VERIFIER_VERIFY, request, GateResults, timeout=timeout)
         except (RequestRejected, TransportError) as exc:
             raise TaskEnded(TaskState.FAILED, "internal_error", f"verification failed: {exc}") from None
         for result in reply.results:
@@ -412,13 +488,22 @@ class Orchestrator:
 
     # -- executing: the dispatcher shared by every task ---------------------------
 
-    async def _execute(self, task: _Task, plan: Plan) -> dict[str, WorkItemResult]:
+    async def _execute(self, task: _Task, plan: Plan, *,
+                       finished: dict[str, WorkItemResult] | None = None) -> dict[str, WorkItemResult]:
+        """Run a plan's items on the executors. ``finished`` (after a crash): items whose
+        successful result is already stored; they are not run again."""
         if not plan.items:
             return {}
         key = (task.record.task_id, plan.iteration)
         batch = _Batch(task_id=task.record.task_id, plan=plan, record=task.record,
                        done=asyncio.get_running_loop().create_future())
-        self.scheduler.add(key, plan.items, priority=PRIORITY_RANK[task.record.spec.priority])
+        planned = {item.id for item in plan.items}
+        done = {i: r for i, r in (finished or {}).items() if i in planned and r.ok}
+        batch.results.update(done)
+        if len(done) == len(plan.items):
+            return {item.id: batch.results[item.id] for item in plan.items}
+        self.scheduler.add(key, plan.items, priority=PRIORITY_RANK[task.record.spec.priority],
+                           done=done)
         self._batches[key] = batch
         self._wake.set()
         try:
@@ -441,13 +526,23 @@ class Orchestrator:
                 asyncio.get_running_loop().create_task(self._dispatch(ready.key, ready.item))
 
     async def _dispatch(self, key: Hashable, item: WorkItemSpec) -> None:
+        holds_slot = True
         try:
             batch = self._batches.get(key)
             if batch is None:
                 return
-            result = await self._attempts(batch, item)
+            if item.kind == "subtask":
+                # A subtask's own items need the executors; waiting for it must not hold one.
+                holds_slot = False
+                self.in_flight -= 1
+                self._wake.set()
+                result = await self._subtask(batch, item)
+                self.tasks[batch.task_id].artifacts.add_result(result)
+            else:
+                result = await self._attempts(batch, item)
         finally:
-            self.in_flight -= 1
+            if holds_slot:
+                self.in_flight -= 1
             self._wake.set()
         if self._batches.get(key) is not batch:
             return  # the task ended (canceled, deadline) while the item ran
@@ -470,6 +565,43 @@ class Orchestrator:
             batch.done.set_result(None)
         self._wake.set()  # dependents may be ready now
 
+    async def _subtask(self, batch: _Batch, item: WorkItemSpec) -> WorkItemResult:
+        """Run a child task through the same pipeline; its end is this item's result."""
+        parent = batch.record
+        assert item.subtask is not None
+        workdir = Path(item.subtask.workdir)
+        if not workdir.is_absolute():
+            workdir = Path(parent.workdir) / workdir
+        spec = item.subtask.model_copy(update={"parent_task": parent.task_id, "workdir": str(workdir)})
+        started = utcnow()
+        try:
+            child = await self.submit(spec)
+        except RequestRejected as exc:
+            return WorkItemResult(task_id=batch.task_id, iteration=batch.plan.iteration,
+                                  item_id=item.id, status="error", error=f"subtask refused: {exc.message}")
+        task = self.tasks[batch.task_id]
+        await self._progress(task, batch.plan.iteration, "item_started", item_id=item.id,
+                             agent_id=f"subtask {child.task_id}")
+        try:
+            record = await self.wait(child.task_id)
+        except asyncio.CancelledError:
+            await self.cancel(child.task_id)
+            raise
+        finished = utcnow()
+        ok = record.state == TaskState.SUCCEEDED
+        return WorkItemResult(
+            task_id=batch.task_id, iteration=batch.plan.iteration, item_id=item.id,
+            status="succeeded" if ok else "failed",
+            error=None if ok else f"subtask {child.task_id} ended {record.state.value} ({record.exit_reason}): {record.message}",
+            output={"task_id": child.task_id, "state": record.state.value,
+                    "exit_reason": record.exit_reason, "report": record.report_path},
+            evidence=[f"subtask {child.task_id}", f"state {record.state.value}",
+                      f"iterations {record.iteration}"],
+            started_at=started, finished_at=finished,
+            duration_s=round((finished - started).total_seconds(), 3),
+            agent_id="orchestrator",
+        )
+
     async def _attempts(self, batch: _Batch, item: WorkItemSpec) -> WorkItemResult:
         task = self.tasks[batch.task_id]
         record = batch.record
@@ -483,7 +615,7 @@ class Orchestrator:
             assignment = WorkItemAssignment(
                 task_id=batch.task_id, iteration=batch.plan.iteration, attempt=attempt, item=item,
                 workdir=record.workdir, env={**record.spec.env, **item.env}, resources=resources,
-                failure=batch.plan.failure,
+                failure=batch.plan.failure, llm=record.spec.planner,
             )
             kind = "item_queued" if attempt == 1 else "item_retried"
             await self._progress(task, batch.plan.iteration, kind, item_id=item.id, attempt=attempt,
@@ -496,23 +628,89 @@ class Orchestrator:
         return result
 
     async def _send(self, assignment: WorkItemAssignment) -> WorkItemResult:
-        """One attempt on whichever executor is free; ``busy`` replies are retried at once."""
+        """One attempt on whichever executor is free; ``busy`` replies are retried at once.
+
+        If the executor that took the attempt dies (its heartbeat stops, or Ray restarts it
+        with a new pid), the attempt's stored result is used when there is one, and it is
+        dispatched again otherwise (the same idempotency key: at least once).
+        """
         item_timeout = assignment.item.timeout_s or self.config.default_timeout_s
         timeout = 2 * item_timeout + DISPATCH_SLACK_S
+        key = assignment.idempotency_key
         backoff = 0.001
         patience = time.monotonic() + NO_EXECUTOR_PATIENCE_S
+        try:
+            while True:
+                request = asyncio.ensure_future(self.bus.call(
+                    subjects.EXECUTOR_RUN, assignment, WorkItemResult, timeout=timeout))
+                watch = asyncio.ensure_future(self._executor_lost(key))
+                try:
+                    await asyncio.wait({request, watch}, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    watch.cancel()
+                if not request.done():
+                    request.cancel()
+                    await asyncio.gather(request, return_exceptions=True)
+                    agent = self._started.pop(key, ("?", 0))[0]
+                    stored = await self._stored_result(assignment)
+                    if stored is not None:
+                        return stored
+                    log.warning("executor lost; dispatching the item again", key=key, agent=agent)
+                    continue
+                try:
+                    return request.result()
+                except RequestRejected as exc:
+                    if exc.code != "busy":
+                        return self._error_result(assignment, exc.message)
+                except TransportError as exc:
+                    if "nobody is serving" not in str(exc) or time.monotonic() > patience:
+                        return self._error_result(assignment, str(exc))
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 0.05)
+        finally:
+            self._started.pop(key, None)
+
+    async def _executor_lost(self, key: str) -> None:
+        """Return when the executor running attempt ``key`` stopped beating or restarted."""
         while True:
+            await asyncio.sleep(0.5)
+            started = self._started.get(key)
+            if started is None:
+                continue
+            agent, pid = started
+            beat = self._heartbeats.get(agent)
+            if beat is None:
+                continue
+            beat_pid, seen = beat
+            if (pid and beat_pid != pid) or time.monotonic() - seen > HEARTBEAT_TIMEOUT_S:
+                return
+
+    async def _stored_result(self, assignment: WorkItemAssignment) -> WorkItemResult | None:
+        """The result an executor stored for exactly this attempt, if any."""
+        found = await self.bus.last_event(subjects.result(assignment.task_id, assignment.item.id))
+        if found is None:
+            return None
+        try:
+            result = decode(found[0], WorkItemResult, headers=found[1])
+        except CodecError:
+            return None
+        if (result.iteration, result.attempt) == (assignment.iteration, assignment.attempt):
+            return result
+        return None
+
+    async def _stored_results(self, task: _Task, iteration: int) -> dict[str, WorkItemResult]:
+        """Every stored result of one iteration of a task: the latest attempt per item."""
+        found: dict[str, WorkItemResult] = {}
+        async for _, data, headers in self.bus.history(subjects.results(task.record.task_id)):
             try:
-                return await self.bus.request(subjects.EXECUTOR_RUN, assignment, WorkItemResult,
-                                              timeout=timeout)
-            except RequestRejected as exc:
-                if exc.code != "busy":
-                    return self._error_result(assignment, exc.message)
-            except TransportError as exc:
-                if "nobody is serving" not in str(exc) or time.monotonic() > patience:
-                    return self._error_result(assignment, str(exc))
-            await asyncio.sleep(backoff)
-            backoff = min(backoff * 2, 0.05)
+                result = decode(data, WorkItemResult, headers=headers)
+            except CodecError:
+                continue
+            if result.iteration == iteration:
+                found[result.item_id] = result
+        for result in found.values():
+            task.artifacts.add_result(result)
+        return found
 
     @staticmethod
     def _error_result(assignment: WorkItemAssignment, message: str) -> WorkItemResult:

@@ -18,6 +18,7 @@ from .events import (
 )
 from .record import (
     TERMINAL_STATES,
+    Checkpoint,
     ErrorDetail,
     ExitReason,
     GateOutcome,
@@ -77,7 +78,7 @@ __all__ = [
     # messages: tasks
     "TaskSpec", "WorkItemSpec", "GateSpec", "PlannerSpec", "ResourceSpec", "PRIORITY_RANK",
     "TaskRecord", "TaskState", "TERMINAL_STATES", "Stage", "ExitReason", "IterationRecord",
-    "ItemOutcome", "GateOutcome", "TaskAccepted", "TaskRef", "TaskQuery", "TaskList",
+    "ItemOutcome", "GateOutcome", "Checkpoint", "TaskAccepted", "TaskRef", "TaskQuery", "TaskList",
     "Rejected", "ErrorDetail",
     # messages: agents
     "PlanRequest", "Plan", "FailureContext", "FailedGate", "FailedItem",

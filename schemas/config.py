@@ -46,6 +46,9 @@ class AgentSettings(Model):
 
     role: Role
     agent_id: str
+    #: One hive's run: an agent restarted by Ray sweeps up what its predecessor in the
+    #: same hive left behind, never what an agent of the same name in another hive runs.
+    hive_id: str = ""
     nats_url: str
     pool: PoolConfig
     hive: HiveConfig = Field(default_factory=HiveConfig)

@@ -10,7 +10,7 @@ from pydantic import Field
 
 from .base import Message, Model, TaskId, utcnow
 from .task import TaskSpec
-from .work import ItemStatus
+from .work import FailureContext, ItemStatus
 
 
 class TaskState(str, Enum):
@@ -80,6 +80,18 @@ class IterationRecord(Model):
     finished_at: datetime | None = None
 
 
+class Checkpoint(Model):
+    """Where a running task's loop stands: enough to resume it after a crash.
+
+    Finished work items are not listed here: their results are in the event stream
+    (``task.result.<task_id>.<item_id>``), which the resumed loop reads back.
+    """
+
+    iteration: int
+    failure: FailureContext | None = None
+    previous_fingerprint: str | None = None
+
+
 class TaskRecord(Message):
     """Everything hivebus knows about a task; the value kept in ``hivebus_tasks``."""
 
@@ -100,6 +112,7 @@ class TaskRecord(Message):
     artifacts_dir: str = ""
     report_path: str | None = None
     iterations: list[IterationRecord] = Field(default_factory=list)
+    checkpoint: Checkpoint | None = None
 
 
 class TaskAccepted(Message):

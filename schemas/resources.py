@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from datetime import datetime
 from typing import Annotated, Literal
 
@@ -18,7 +19,11 @@ class LeaseRequest(Message):
     """
 
     type: Literal["LeaseRequest"] = "LeaseRequest"
+    #: The same request sent again (after a reconnect) gets the same lease.
+    request_id: str = Field(default_factory=lambda: uuid.uuid4().hex)
     agent_id: str
+    #: The asking agent's process: its leases are reclaimed when that process is gone.
+    pid: int = 0
     task_id: str
     item_id: str
     cpu: Annotated[float, Field(ge=0)]
@@ -30,6 +35,7 @@ class Lease(Message):
     type: Literal["Lease"] = "Lease"
     lease_id: str
     agent_id: str
+    pid: int = 0
     task_id: str
     item_id: str
     cpu: float

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import yaml
 from pydantic import ValidationError
@@ -12,10 +13,11 @@ from .errors import TaskFileError
 from .task import TaskSpec
 
 
-def load_task_file(path: str | Path) -> TaskSpec:
+def load_task_file(path: str | Path, *, planner: dict[str, Any] | None = None) -> TaskSpec:
     """Parse and validate a task file; its ``workdir`` is made absolute relative to the file.
 
-    Raises TaskFileError (never a traceback for a user mistake).
+    ``planner`` overrides fields of the file's ``planner`` (``--planner ollama --model x``)
+    before validation. Raises TaskFileError (never a traceback for a user mistake).
     """
     path = Path(path)
     shown = str(path)
@@ -37,6 +39,9 @@ def load_task_file(path: str | Path) -> TaskSpec:
         raise TaskFileError(shown, [f"{where}not valid YAML: {problem}"]) from None
     if not isinstance(data, dict):
         raise TaskFileError(shown, ["the file must hold a mapping with at least a 'title'"])
+    if planner:
+        given = data.get("planner") if isinstance(data.get("planner"), dict) else {}
+        data["planner"] = {**given, **planner}
     workdir = Path(str(data.get("workdir") or "."))
     if not workdir.is_absolute():
         data["workdir"] = str((path.resolve().parent / workdir).resolve())

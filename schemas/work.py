@@ -8,7 +8,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field
 
 from .base import Ident, Message, Model, TaskId, utcnow
-from .task import GateSpec, ResourceSpec, TaskSpec, WorkItemSpec
+from .task import GateSpec, PlannerSpec, ResourceSpec, TaskSpec, WorkItemSpec
 
 ItemStatus = Literal[
     "succeeded",      # exit code 0 / the callable returned
@@ -115,6 +115,8 @@ class WorkItemAssignment(Message):
     env: dict[str, str] = Field(default_factory=dict)
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     failure: FailureContext | None = None
+    #: The task's LLM settings, for ``prompt`` items.
+    llm: PlannerSpec | None = None
 
     @property
     def idempotency_key(self) -> str:

@@ -28,7 +28,9 @@ def state_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def nats_server(state_dir: Path) -> Iterator[EmbeddedNats]:
-    server = EmbeddedNats(state_dir / "nats")
+    # Open (no credentials) so that tests can talk to it as any plain NATS client would;
+    # the embedded servers that `hivebus run` and `up` start in test_cli.py require them.
+    server = EmbeddedNats(state_dir / "nats", auth=False)
     server.start()
     try:
         yield server
@@ -54,6 +56,17 @@ def hive(nats_server: EmbeddedNats, state_dir: Path):  # type: ignore[no-untyped
         yield running
     finally:
         running.close()
+
+
+@pytest.fixture
+def own_nats(tmp_path: Path) -> Iterator[EmbeddedNats]:
+    """A nats-server of the test's own, for tests that start a second hive."""
+    server = EmbeddedNats(tmp_path / "own-nats", auth=False)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 # -- subprocesses of the CLI, and what they leave behind ---------------------------------

@@ -87,6 +87,8 @@ def test_a_shell_item_that_succeeds_reports_output_files_and_tests(core, workdir
     assert (result.task_id, result.item_id, result.attempt) == ("task-1", "build", 1)
     assert (result.agent_id, result.node_id) == ("executor-1", "node-a")
     assert result.finished_at >= result.started_at
+    assert result.limit is None
+    assert result.cpu_seconds >= 0 and result.peak_rss_mb >= 0
     assert list(scratch.iterdir()) == [], "temp files are removed"
 
 
@@ -114,6 +116,9 @@ def test_an_item_that_runs_out_of_time_is_killed_and_reported_as_timeout(core, w
     assert result.status == "timeout"
     assert result.error == "timed out after 1 s; its process tree was killed"
     assert result.duration_s < 20, "killed well before the 30 s sleep would end"
+    assert result.limit is not None
+    assert (result.limit.limit, result.limit.mechanism) == ("timeout", "watchdog")
+    assert result.limit.limit_value == 1
 
 
 def test_a_call_item_returns_the_functions_value_as_output(core, workdir, scratch):

@@ -13,15 +13,14 @@ PACKAGES = ["schemas", "bus", "actors", "orchestrator"]
 # Changing these lists is changing the public contract: update README and DESIGN.md too.
 EXPECTED = {
     "schemas": [
-        "Ack", "AgentSettings", "AgentUsage", "CodecError", "CompletionEvent",
+        "Ack", "AgentSettings", "AgentUsage", "Checkpoint", "CodecError", "CompletionEvent",
         "DeadLetterEvent", "ErrorDetail", "Event", "ExitReason", "FailedGate", "FailedItem",
         "FailureContext", "GateOutcome", "GateResult", "GateResults", "GateSpec", "HiveConfig",
         "HivebusError", "ItemOutcome", "ItemStatus", "IterationRecord", "JSON", "Lease",
         "LeaseEvent", "LeaseRelease", "LeaseRequest", "LifecycleEvent", "LimitExceededEvent",
         "LimitHit", "MESSAGE_TYPES", "MSGPACK", "Message", "Model", "PRIORITY_RANK", "Plan",
-        "PlanAttempt", "PlanRequest",
-        "PlannerSpec", "PoolConfig", "ProgressEvent", "Rejected", "ReportEvent",
-        "RequestRejected", "ResourceSnapshot", "ResourceSpec", "SCHEMA_VERSION",
+        "PlanAttempt", "PlanRequest", "PlannerSpec", "PoolConfig", "ProgressEvent", "Rejected",
+        "ReportEvent", "RequestRejected", "ResourceSnapshot", "ResourceSpec", "SCHEMA_VERSION",
         "SnapshotRequest", "Stage", "TAIL_CHARS", "TERMINAL_STATES", "TaskAccepted",
         "TaskFileError", "TaskList", "TaskQuery", "TaskRecord", "TaskRef", "TaskSpec",
         "TaskState", "TransportError", "UsageEvent", "VerifyRequest", "WorkItemAssignment",
@@ -34,9 +33,10 @@ EXPECTED = {
     ],
     "actors": [
         "AgentHost", "AgentPool", "AgentStartError", "ChildOutcome", "ChildSpec",
-        "DeclarativePlanner", "ExecutorCore", "ExecutorHost", "HOSTS", "LeaseBook",
-        "LeaseRefused", "NAMESPACE", "PlannerError", "PlannerHost", "ResourceHost",
-        "VerifierCore", "VerifierHost", "agent_names", "run_child",
+        "DeclarativePlanner", "ExecutorCore", "ExecutorHost", "HOSTS", "LLMError", "LeaseBook",
+        "LeaseRefused", "Limits", "NAMESPACE", "OllamaPlanner", "PlannerError", "PlannerHost",
+        "PromptRunner", "ResourceHost", "VerifierCore", "VerifierHost", "agent_names",
+        "fit_to_cluster", "run_child",
     ],
     "orchestrator": [
         "AsyncHive", "Hive", "InvalidTransition", "Orchestrator", "PlanError", "Scheduler",

@@ -129,6 +129,7 @@ def test_a_timeout_kills_a_grandchild_that_left_the_process_group(tmp_path):
     outcome = asyncio.run(run_child(spec(tmp_path, python(SETSID_GRANDCHILD), timeout_s=5)))
     assert outcome.timed_out
     assert outcome.exit_code == -9
+    assert outcome.limit is not None and outcome.limit.limit == "timeout"
     assert outcome.duration_s < 30, "killed well before the 60 s sleep would end"
     assert not alive(int((tmp_path / "grandchild.pid").read_text()))
 
@@ -138,6 +139,35 @@ def test_a_timeout_kills_a_double_forked_daemon(tmp_path):
     assert outcome.timed_out
     assert outcome.duration_s < 30, "killed well before the 60 s sleep would end"
     assert not alive(int((tmp_path / "grandchild.pid").read_text()))
+
+
+# A root that starts a double-forked daemon and exits as soon as the daemon is up.
+DAEMON_OF_A_SHORT_ROOT = """
+    import os, time
+    if os.fork() == 0:
+        os.setsid()
+        if os.fork() == 0:
+            with open("daemon.tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.rename("daemon.tmp", "daemon.pid")
+            time.sleep(60)
+        os._exit(0)
+    while not os.path.exists("daemon.pid"):
+        time.sleep(0.01)
+"""
+
+
+@pytest.mark.parametrize("mechanism", ["auto", "watchdog"])
+def test_a_daemon_left_by_a_finished_root_is_killed_under_every_mechanism(
+    tmp_path, monkeypatch, mechanism
+):
+    # Every child has a cgroup where one is writable (the default limits cap its
+    # processes); without one the daemon is found by its marker.
+    monkeypatch.setenv("HIVEBUS_LIMITS_MECHANISM", mechanism)
+    outcome = asyncio.run(run_child(spec(tmp_path, python(DAEMON_OF_A_SHORT_ROOT), timeout_s=30)))
+    assert outcome.exit_code == 0 and not outcome.timed_out
+    assert outcome.duration_s < 20, "did not wait for the 60 s sleep"
+    assert not alive(int((tmp_path / "daemon.pid").read_text()))
 
 
 def test_setting_the_cancel_event_kills_the_tree(tmp_path):
@@ -195,6 +225,8 @@ def test_the_peak_rss_of_a_child_allocating_100_mb_is_observed(tmp_path):
     outcome = asyncio.run(run_child(spec(tmp_path, python(code)), sample_interval_s=0.05))
     assert outcome.exit_code == 0
     assert outcome.peak_rss_mb >= 80
+    assert outcome.started_at <= outcome.peak_rss_at <= outcome.finished_at
+    assert outcome.limit is None
 
 
 def test_cpu_seconds_of_a_busy_child_are_observed(tmp_path):
