@@ -8,6 +8,7 @@ without anyone calling it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 from collections import OrderedDict
 from pathlib import Path
@@ -49,6 +50,7 @@ from .executor import ExecutorCore
 from .llm import LLMError, OllamaPlanner, PromptRunner
 from .planner import DeclarativePlanner, PlannerError
 from .resources import LeaseBook, LeaseRefused
+from .secrets import SecretError, SecretStore, redact, redact_value, resolve_env, secret_names
 from .verifier import VerifierCore
 
 log = structlog.get_logger("hivebus.agent")
@@ -139,6 +141,36 @@ class AgentHost:
             await self.bus.close()
 
 
+class SecretsMixin:
+    """Secrets are resolved by the agent that runs the child, from the hive's encrypted
+    store: they never travel on NATS, and whatever comes back is redacted."""
+
+    settings: AgentSettings
+    _store: SecretStore | None = None
+
+    def _resolve(self, env: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+        if not secret_names(env):
+            return env, []
+        if self._store is None:
+            self._store = SecretStore.open(self.settings.state_dir)
+        return resolve_env(env, self._store)
+
+
+def _redact_result(result: WorkItemResult, secrets: list[str]) -> WorkItemResult:
+    if not secrets:
+        return result
+    stdout = redact(result.stdout_tail, secrets)
+    evidence = [redact(e, secrets) for e in result.evidence if not e.startswith("stdout sha256:")]
+    if stdout:
+        evidence.insert(0, "stdout sha256:" + hashlib.sha256(stdout.encode()).hexdigest()[:12])
+    return result.model_copy(update={
+        "stdout_tail": stdout, "stderr_tail": redact(result.stderr_tail, secrets),
+        "handoff_notes": redact(result.handoff_notes, secrets),
+        "error": redact(result.error, secrets) if result.error else result.error,
+        "output": redact_value(result.output, secrets), "evidence": evidence,
+    })
+
+
 class PlannerHost(AgentHost):
     role = "planner"
 
@@ -182,7 +214,7 @@ def sweep_orphans(mark: str) -> int:
     return killed
 
 
-class ExecutorHost(AgentHost):
+class ExecutorHost(SecretsMixin, AgentHost):
     """Runs one work item at a time; a request that finds it busy is answered ``busy``.
 
     Delivery is at least once, so the same attempt (same idempotency key) may arrive
@@ -252,7 +284,14 @@ class ExecutorHost(AgentHost):
                 result = await self.prompts.run(assignment, planner=assignment.llm or PlannerSpec(),
                                                 agent_id=self.agent_id)
             else:
-                result = await self.core.run(assignment)
+                try:
+                    env, secrets = self._resolve(assignment.env)
+                except SecretError as exc:
+                    return WorkItemResult(task_id=assignment.task_id, iteration=assignment.iteration,
+                                          item_id=assignment.item.id, attempt=assignment.attempt,
+                                          status="error", error=str(exc), agent_id=self.agent_id)
+                result = await self.core.run(assignment.model_copy(update={"env": env}))
+                result = _redact_result(result, secrets)
             if result.limit is not None and result.status == "resource_limit":
                 hit = result.limit
                 await self.bus.publish(subjects.limit_exceeded(self.agent_id), LimitExceededEvent(
@@ -288,7 +327,7 @@ class ExecutorHost(AgentHost):
         await super().stop()
 
 
-class VerifierHost(AgentHost):
+class VerifierHost(SecretsMixin, AgentHost):
     role = "verifier"
 
     async def serve(self, bus: Bus) -> None:
@@ -297,7 +336,21 @@ class VerifierHost(AgentHost):
         await bus.serve(subjects.VERIFIER_VERIFY, VerifyRequest, self._verify, queue=subjects.VERIFIERS)
 
     async def _verify(self, request: VerifyRequest) -> GateResults:
-        return await self.core.verify(request)
+        try:
+            env, secrets = self._resolve(request.env)
+            gates = []
+            for gate in request.gates:
+                gate_env, used = self._resolve(gate.env)
+                secrets += used
+                gates.append(gate.model_copy(update={"env": gate_env}))
+        except SecretError as exc:
+            raise RequestRejected(subjects.VERIFIER_VERIFY, "invalid", str(exc)) from None
+        results = await self.core.verify(request.model_copy(update={"env": env, "gates": gates}))
+        if not secrets:
+            return results
+        return GateResults(results=[r.model_copy(update={
+            "stdout_tail": redact(r.stdout_tail, secrets), "stderr_tail": redact(r.stderr_tail, secrets),
+            "problems": [redact(p, secrets) for p in r.problems]}) for r in results.results])
 
 
 class ResourceHost(AgentHost):

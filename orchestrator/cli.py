@@ -17,10 +17,13 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import yaml
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from actors.policy import Policy, PolicyFileError
+from actors.secrets import SecretError, SecretStore
 from bus import subjects
 from bus.auth import NatsAuth, NatsAuthError, auth_from_options
 from bus.logs import configure_logging
@@ -99,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     serving = argparse.ArgumentParser(add_help=False)
     serving.add_argument("--ray-address", metavar="ADDR", default=None,
                          help="Ray cluster to join (default: $RAY_ADDRESS, else a local Ray)")
+    serving.add_argument("--policy", metavar="PATH|local", default=None,
+                         help="execution policy: a YAML policy file, or 'local' (default for run: "
+                              "local, rooted at the task file's folder; for up: deny everything)")
+    serving.add_argument("--config", metavar="FILE", type=Path, default=None,
+                         help="hive configuration (YAML of HiveConfig: pools, totals)")
     serving.add_argument("--executors", type=int, metavar="N", default=None,
                          help="executor agents (default 2)")
     serving.add_argument("--executor-cpu", type=float, metavar="CPU", default=None,
@@ -146,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task_id")
     p.add_argument("--json", action="store_true", help="print report.json instead of report.md")
 
+    p = command("secret", cmd_secret, "manage the hive's encrypted secrets (${secret:NAME} in env)", [common])
+    p.add_argument("action", choices=["set", "list", "delete"])
+    p.add_argument("name", nargs="?")
+    p.add_argument("--value", help="the value (default: read from standard input)")
+
     p = command("schema", cmd_schema, "print the JSON Schema of every message", [])
     p.add_argument("type", nargs="?", help="one message type, e.g. TaskSpec")
     return parser
@@ -153,8 +166,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 # -- helpers -------------------------------------------------------------------------
 
+def hive_policy(args: argparse.Namespace, *, default_root: Path | None) -> Policy | None:
+    """``--policy``: a file, ``local`` (rooted at ``default_root`` or the current directory),
+    or, when not given, local for ``run`` and deny-all for ``up``."""
+    choice = args.policy or ("local" if default_root is not None else None)
+    if choice is None:
+        return Policy.deny_all()
+    if choice == "local":
+        return Policy.local(default_root or Path.cwd())
+    try:
+        return Policy.load(choice)
+    except PolicyFileError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def hive_config(args: argparse.Namespace) -> HiveConfig:
     config = HiveConfig()
+    if args.config is not None:
+        try:
+            data = yaml.safe_load(args.config.read_text(encoding="utf-8")) or {}
+            config = HiveConfig.model_validate(data)
+        except (OSError, yaml.YAMLError, ValueError) as exc:
+            raise UsageError(f"{args.config}: not a valid hive configuration: {exc}") from None
     executor = config.executor.model_dump()
     if args.executors is not None:
         executor["replicas"] = args.executors
@@ -311,7 +344,8 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
                           f"{config.executor.replicas} executor(s)…")
         hive = await AsyncHive.start(config=config, state_dir=state_dir(args), nats_url=args.nats,
                                      ray_address=args.ray_address, nats_auth=nats_auth(args),
-                                     workdir_root=args.file.resolve().parent)
+                                     workdir_root=args.file.resolve().parent,
+                                     policy=hive_policy(args, default_root=args.file.resolve().parent))
         trap_sigterm()
         try:
             if not args.json:
@@ -336,13 +370,18 @@ def cmd_up(args: argparse.Namespace, console: Console) -> int:
 
     async def go() -> int:
         hive = await AsyncHive.start(config=config, state_dir=state, nats_url=args.nats,
-                                     ray_address=args.ray_address, nats_auth=nats_auth(args))
+                                     ray_address=args.ray_address, nats_auth=nats_auth(args),
+                                     policy=hive_policy(args, default_root=None))
         trap_sigterm()
         marker = hive_file(state)
         try:
             marker.write_text(json.dumps({"nats_url": hive.nats_url, "pid": os.getpid()}))
+            policy = hive.orchestrator.policy if hive.orchestrator else None
             console.print(f"hivebus is up: NATS {hive.nats_url}, "
-                          f"{config.executor.replicas} executor(s); state in {state}. Ctrl-C stops it.")
+                          f"{config.executor.replicas} executor(s), policy {policy.name if policy else 'none'}; "
+                          f"state in {state}. Ctrl-C stops it.")
+            if policy is not None and policy.name == "deny-all":
+                console.print("[yellow]every task will be refused: start with --policy local or --policy FILE[/]")
             await asyncio.Event().wait()
             return EXIT_OK
         finally:
@@ -510,6 +549,27 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
     if not path.is_file():
         raise HivebusError(f"no report for task {args.task_id!r} (looked for {path})")
     sys.stdout.write(path.read_text(encoding="utf-8"))
+    return EXIT_OK
+
+
+def cmd_secret(args: argparse.Namespace, console: Console) -> int:
+    try:
+        store = SecretStore.open(state_dir(args))
+        if args.action == "list":
+            for name in store.names():
+                print(name)
+            return EXIT_OK
+        if not args.name:
+            raise UsageError(f"hivebus secret {args.action} needs a NAME")
+        if args.action == "delete":
+            if not store.delete(args.name):
+                raise HivebusError(f"no secret {args.name!r}")
+            return EXIT_OK
+        value = args.value if args.value is not None else sys.stdin.read().rstrip("\n")
+        store.set(args.name, value)
+    except SecretError as exc:
+        raise HivebusError(str(exc)) from None
+    console.print(f"secret {args.name!r} stored (encrypted) in {state_dir(args)}")
     return EXIT_OK
 
 

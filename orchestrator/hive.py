@@ -22,6 +22,7 @@ import structlog
 from nats.js.errors import NotFoundError
 
 from actors import NAMESPACE, AgentPool, fit_to_cluster
+from actors.policy import Policy
 from bus import Bus, EmbeddedNats, subjects
 from bus.auth import NatsAuth, load_role
 from schemas import (
@@ -100,12 +101,17 @@ class AsyncHive:
     async def start(cls, *, config: HiveConfig | None = None, state_dir: str | Path | None = None,
                     nats_url: str | None = None, ray_address: str | None = None,
                     workdir_root: str | Path | None = None, owns_ray: bool | None = None,
-                    nats_auth: NatsAuth | None = None, agent_auth: NatsAuth | None = None) -> AsyncHive:
+                    nats_auth: NatsAuth | None = None, agent_auth: NatsAuth | None = None,
+                    policy: Policy | None | str = "local") -> AsyncHive:
         """Start what is not given: an embedded nats-server, a local Ray, the agents, the orchestrator.
 
         The embedded server requires credentials, generated into ``<state_dir>/auth``: the
         orchestrator connects as ``orchestrator``, the agents as ``agent``. With ``nats_url``,
         ``nats_auth`` is what both present (``agent_auth``, if given, is the agents' own).
+
+        ``policy`` is the execution policy every plan must pass: a Policy, or ``"local"``
+        (the default: workdirs inside ``workdir_root`` or the current directory, and the
+        commands a developer expects), or None for no check.
         """
         config = config or HiveConfig()
         state = Path(state_dir).resolve() if state_dir else default_state_dir()
@@ -121,8 +127,11 @@ class AsyncHive:
             started_ray = init_ray(config, ray_address) if owns_ray is None else owns_ray
             config = fit_to_cluster(config)
             bus = await Bus.connect(nats_url, name="hivebus-orchestrator", auth=nats_auth)
-            orchestrator = Orchestrator(bus=bus, config=config, state_dir=state,
-                                        workdir_root=Path(workdir_root) if workdir_root else None)
+            root = Path(workdir_root).resolve() if workdir_root else Path.cwd()
+            if policy == "local":
+                policy = Policy.local(root)
+            orchestrator = Orchestrator(bus=bus, config=config, state_dir=state, workdir_root=root,
+                                        policy=policy)  # type: ignore[arg-type]
             await orchestrator.start()
             pool = AgentPool(config=config, nats_url=nats_url, state_dir=str(state),
                              auth=agent_auth or nats_auth)

@@ -63,6 +63,9 @@ from schemas import (
 )
 from schemas.codec import CodecError, content_type_of, decode, loads
 
+from actors.policy import Policy
+from actors.secrets import SecretError, SecretStore, secret_names
+
 from .artifacts import TaskArtifacts
 from .machine import enter_stage, failure_context, fingerprint, judge_iteration, transition
 from .report import render_markdown, report_data
@@ -117,9 +120,11 @@ class Orchestrator:
     """Owns every task of a hive. One per hive; agents are reached only through NATS."""
 
     def __init__(self, *, bus: Bus, config: HiveConfig, state_dir: Path,
-                 workdir_root: Path | None = None):
+                 workdir_root: Path | None = None, policy: Policy | None = None):
         self.bus = bus
         self.config = config
+        #: The execution policy every plan is checked against (None: no check).
+        self.policy = policy
         self.state_dir = state_dir
         self.artifacts_root = state_dir / "artifacts"
         self.workdir_root = workdir_root or Path.cwd()
@@ -227,7 +232,7 @@ class Orchestrator:
 
     async def submit(self, spec: TaskSpec) -> TaskRecord:
         """Accept a task: validated, recorded durably, queued (or left DRAFT for approval)."""
-        problems = task_problems(spec, self.config)
+        problems = task_problems(spec, self.config) + self._secret_problems(spec)
         if problems:
             raise RequestRejected(subjects.TASK_SUBMIT, "invalid", "; ".join(problems))
         task_id = new_task_id()
@@ -255,6 +260,19 @@ class Orchestrator:
             self._watch_approval_deadline(task)
         log.info("task accepted", task_id=task_id, title=spec.title, state=task.record.state.value)
         return task.record
+
+    def _secret_problems(self, spec: TaskSpec) -> list[str]:
+        """Every ``${secret:NAME}`` the task names must be in this hive's secret store."""
+        envs = [spec.env] + [i.env for i in spec.work_items + spec.on_gate_failure] + [g.env for g in spec.gates]
+        names = secret_names([v for env in envs for v in env.values()])
+        if not names:
+            return []
+        try:
+            store = SecretStore.open(self.state_dir)
+            return [f"env: unknown secret {name!r} (add it with `hivebus secret set {name}`)"
+                    for name in names if name not in store]
+        except SecretError as exc:
+            return [f"env: the task uses secrets, but {exc}"]
 
     async def get(self, task_id: str) -> TaskRecord:
         task = self.tasks.get(task_id)
@@ -463,6 +481,14 @@ class Orchestrator:
         if problems:
             raise TaskEnded(TaskState.FAILED, "planner_error",
                             "the plan was refused: " + "; ".join(problems))
+        if self.policy is not None:
+            items = plan.items + [i for i in record.spec.on_gate_failure if i not in plan.items]
+            violations = self.policy.check(items, workdir=record.workdir, gates=record.spec.gates,
+                                           env=record.spec.env)
+            if violations:
+                raise TaskEnded(TaskState.BLOCKED, "policy_denied",
+                                f"refused by the {self.policy.name} policy before anything ran: "
+                                + "; ".join(str(v) for v in violations))
         return plan
 
     async def _verify(self, task: _Task, iteration: int) -> list[GateResult]:

@@ -47,11 +47,16 @@ SESSION_CONFIG = HiveConfig(
 
 
 @pytest.fixture(scope="session")
-def hive(nats_server: EmbeddedNats, state_dir: Path):  # type: ignore[no-untyped-def]
-    """The session's hive on its nats-server and a local Ray."""
+def hive(nats_server: EmbeddedNats, state_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """The session's hive on its nats-server and a local Ray, under the ``local`` policy
+    rooted at the session's temporary folders and the examples."""
+    from actors.policy import Policy
     from orchestrator import Hive
 
-    running = Hive.start(nats_url=nats_server.url, state_dir=state_dir, config=SESSION_CONFIG)
+    base = tmp_path_factory.getbasetemp()
+    policy = Policy.local(base).model_copy(update={"workdirs": [str(base), str(EXAMPLES)]})
+    running = Hive.start(nats_url=nats_server.url, state_dir=state_dir, config=SESSION_CONFIG,
+                         policy=policy)
     try:
         yield running
     finally:

@@ -112,7 +112,8 @@ def test_ctrl_c_on_run_leaves_no_server_raylet_or_child_behind(cli, tmp_path: Pa
 def test_a_plain_nats_client_submits_json_to_hivebus_up_and_follows_the_lifecycle(
         cli, own_nats, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     nats_server = own_nats
-    up = Cli(["up", "--nats", nats_server.url, "--state-dir", str(tmp_path / "state")], cwd=tmp_path)
+    up = Cli(["up", "--nats", nats_server.url, "--state-dir", str(tmp_path / "state"), "--policy", "local"],
+             cwd=tmp_path)
     cli.append(up)
     up.wait_for_line("hivebus is up")
     (tmp_path / "work").mkdir()

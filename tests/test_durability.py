@@ -41,7 +41,7 @@ def test_an_orchestrator_killed_mid_task_resumes_and_does_not_rerun_finished_ite
     work = tmp_path / "work"
     work.mkdir()
     state = tmp_path / "state"
-    first = Cli(["up", "--nats", own_nats.url, "--state-dir", str(state)], cwd=tmp_path)
+    first = Cli(["up", "--nats", own_nats.url, "--state-dir", str(state), "--policy", "local"], cwd=tmp_path)
     cli.append(first)
     first.wait_for_line("hivebus is up")
     spec = TaskSpec(title="survive a crash", workdir=str(work), work_items=[
@@ -58,7 +58,8 @@ def test_an_orchestrator_killed_mid_task_resumes_and_does_not_rerun_finished_ite
 
         first.proc.send_signal(signal.SIGKILL)
         first.proc.wait()
-        second = Cli(["up", "--nats", own_nats.url, "--state-dir", str(state)], cwd=tmp_path)
+        second = Cli(["up", "--nats", own_nats.url, "--state-dir", str(state), "--policy", "local"],
+                     cwd=tmp_path)
         cli.append(second)
         second.wait_for_line("hivebus is up")
         record = client.wait(task_id, timeout=120)
