@@ -78,7 +78,8 @@ class EmbeddedNats:
         self._lock_file: int | None = None
         self._private_store = False
 
-    def start(self, *, timeout_s: float = 15.0) -> str:
+    def start(self, *, timeout_s: float = 15.0, port: int | None = None) -> str:
+        """Start the server; ``port`` (e.g. the one it had before a restart) or a free one."""
         binary = find_nats_server()
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.store_dir = self._claim_store()
@@ -86,7 +87,7 @@ class EmbeddedNats:
         ports_dir.mkdir(exist_ok=True)
         log_path = self.state_dir / "nats-server.log"
         cmd = [
-            binary, "-a", self.host, "-p", "-1", "-js", "-sd", str(self.store_dir),
+            binary, "-a", self.host, "-p", str(port or -1), "-js", "-sd", str(self.store_dir),
             "--ports_file_dir", str(ports_dir), "-n", f"hivebus-{os.getpid()}",
             "-l", str(log_path),
         ]
@@ -164,6 +165,12 @@ class EmbeddedNats:
             raise EmbeddedNatsError(
                 f"unknown NATS role {role!r}; one of {', '.join(self._credentials)}"
             ) from None
+
+    def restart(self, *, timeout_s: float = 15.0) -> str:
+        """Stop and start again on the same port with the same JetStream store."""
+        port = int(self.url.rsplit(":", 1)[1])
+        self.stop()
+        return self.start(timeout_s=timeout_s, port=port)
 
     @property
     def pid(self) -> int | None:

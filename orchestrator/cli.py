@@ -14,6 +14,7 @@ import signal
 import sys
 import time
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,8 @@ from schemas import (
     TaskState,
     load_task_file,
 )
+
+from schemas.codec import CodecError, content_type_of, loads
 
 from .hive import AsyncHive, default_state_dir
 from .validation import task_problems
@@ -153,6 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("report", cmd_report, "print a task's report", [common])
     p.add_argument("task_id")
     p.add_argument("--json", action="store_true", help="print report.json instead of report.md")
+
+    p = command("replay", cmd_replay, "rebuild a task's timeline from the event stream", [common])
+    p.add_argument("task_id")
+    p.add_argument("--json", action="store_true", help="print the stored events as JSON lines")
 
     p = command("secret", cmd_secret, "manage the hive's encrypted secrets (${secret:NAME} in env)", [common])
     p.add_argument("action", choices=["set", "list", "delete"])
@@ -550,6 +557,63 @@ def cmd_report(args: argparse.Namespace, console: Console) -> int:
         raise HivebusError(f"no report for task {args.task_id!r} (looked for {path})")
     sys.stdout.write(path.read_text(encoding="utf-8"))
     return EXIT_OK
+
+
+def cmd_replay(args: argparse.Namespace, console: Console) -> int:
+    try:
+        TaskRef(task_id=args.task_id)
+    except ValueError:
+        raise UsageError(f"{args.task_id!r} is not a task id") from None
+
+    async def go() -> int:
+        hive = await client(args)
+        try:
+            events = [event async for event in timeline(hive, args.task_id)]
+        finally:
+            await hive.close()
+        if not events:
+            raise HivebusError(f"no events of task {args.task_id!r} in the event stream")
+        if args.json:
+            for subject, body in events:
+                print(json.dumps({"subject": subject, **body}))
+            return EXIT_OK
+        start = datetime.fromisoformat(events[0][1]["ts"])
+        for subject, body in events:
+            offset = (datetime.fromisoformat(body["ts"]) - start).total_seconds()
+            console.print(f"[dim]{offset:8.3f}s[/] {escape(describe_event(subject, body))}")
+        return EXIT_OK
+
+    return run_async(go())
+
+
+async def timeline(hive: AsyncHive, task_id: str):  # type: ignore[no-untyped-def]
+    """(subject, body) of every stored event of a task, oldest first."""
+    async for subject, data, headers in hive.bus.history(subjects.task_events(task_id)):
+        try:
+            body = loads(data, content_type_of(data, headers))
+        except CodecError:
+            continue
+        if isinstance(body, dict) and "ts" in body:
+            yield subject, body
+
+
+def describe_event(subject: str, body: dict[str, Any]) -> str:
+    """One line of a replayed timeline."""
+    kind = body.get("type")
+    if kind == "LifecycleEvent":
+        stage = f" · {body['stage']}" if body.get("stage") else ""
+        reason = f" exit_reason={body['exit_reason']}" if body.get("exit_reason") else ""
+        return f"{body['state']}{stage} (iteration {body['iteration']}){reason}"
+    if kind == "ProgressEvent":
+        what = body.get("item_id") or f"gate {body.get('gate')}"
+        extra = f" {body['status']}" if body.get("status") else ""
+        where = f" on {body['agent_id']}" if body.get("agent_id") else ""
+        return f"  {body['kind'].replace('_', ' ')}: {what}{extra}{where} (attempt {body.get('attempt', 1)})"
+    if kind == "CompletionEvent":
+        return f"completed {body['state']} ({body['exit_reason']}) after {body['iterations']} iteration(s)"
+    if kind == "ReportEvent":
+        return f"report {body['kind']}: {body['path']}"
+    return f"{subject}: {kind}"
 
 
 def cmd_secret(args: argparse.Namespace, console: Console) -> int:

@@ -19,7 +19,6 @@ from typing import Any, TypeVar
 
 import ray
 import structlog
-from nats.js.errors import NotFoundError
 
 from actors import NAMESPACE, AgentPool, fit_to_cluster
 from actors.policy import Policy
@@ -203,20 +202,21 @@ class AsyncHive:
                 done.set_result(None)
 
         sub = await self.bus.subscribe(subjects.completion(task_id), CompletionEvent, on_completion)
+        deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
         try:
-            if await self._completed(task_id):
-                return await self.get(task_id)
-            await asyncio.wait_for(done, timeout)
-            return await self.get(task_id)
+            # The live event is the fast path; the stored one covers an event that went by
+            # while this client was reconnecting.
+            while not done.done() and not await self._completed(task_id):
+                left = 1.0 if deadline is None else min(1.0, deadline - asyncio.get_running_loop().time())
+                if left <= 0:
+                    raise asyncio.TimeoutError(f"task {task_id} did not end within {timeout:g} s")
+                await asyncio.wait({done}, timeout=left)
+            return await self.bus.call(subjects.TASK_GET, TaskRef(task_id=task_id), TaskRecord)
         finally:
             await sub.unsubscribe()
 
     async def _completed(self, task_id: str) -> bool:
-        try:
-            await self.bus.js.get_last_msg(subjects.EVENTS_STREAM, subjects.completion(task_id))
-        except NotFoundError:
-            return False
-        return True
+        return await self.bus.last_event(subjects.completion(task_id)) is not None
 
     async def run(self, task: TaskSpec | dict[str, Any] | str | Path, *,
                   timeout: float | None = None) -> TaskRecord:
