@@ -242,6 +242,7 @@ class ExecutorHost(SecretsMixin, AgentHost):
         self._running: dict[str, asyncio.Future[WorkItemResult]] = {}
         self._recent: OrderedDict[str, WorkItemResult] = OrderedDict()
         await bus.serve(subjects.EXECUTOR_RUN, WorkItemAssignment, self._run, queue=subjects.EXECUTORS)
+        await bus.serve(subjects.executor_run(self.agent_id), WorkItemAssignment, self._run)
         await bus.subscribe(subjects.EXECUTOR_CANCEL, TaskRef, self._cancel)
 
     async def _run(self, assignment: WorkItemAssignment) -> WorkItemResult:
@@ -275,7 +276,7 @@ class ExecutorHost(SecretsMixin, AgentHost):
         assignment = assignment.model_copy(update={"env": {**assignment.env, AGENT_ENV: agent_mark(self.settings)}})
         lease = await self._lease(assignment)
         try:
-            await self.bus.publish(subjects.progress(assignment.task_id), ProgressEvent(
+            self.bus.publish_soon(subjects.progress(assignment.task_id), ProgressEvent(
                 task_id=assignment.task_id, iteration=assignment.iteration,
                 kind="item_started", item_id=assignment.item.id,
                 attempt=assignment.attempt, agent_id=self.agent_id,
@@ -294,12 +295,12 @@ class ExecutorHost(SecretsMixin, AgentHost):
                 result = _redact_result(result, secrets)
             if result.limit is not None and result.status == "resource_limit":
                 hit = result.limit
-                await self.bus.publish(subjects.limit_exceeded(self.agent_id), LimitExceededEvent(
+                self.bus.publish_soon(subjects.limit_exceeded(self.agent_id), LimitExceededEvent(
                     agent_id=self.agent_id, task_id=result.task_id, item_id=result.item_id,
                     limit=hit.limit, limit_value=hit.limit_value, peak_value=hit.peak_value,
                     mechanism=hit.mechanism))
-            await self.bus.publish(subjects.result(result.task_id, result.item_id), result,
-                                   msg_id=assignment.idempotency_key)
+            self.bus.publish_soon(subjects.result(result.task_id, result.item_id), result,
+                                  msg_id=assignment.idempotency_key)
             return result
         finally:
             await self.bus.call(subjects.RESOURCES_RELEASE, LeaseRelease(lease_id=lease.lease_id), Ack)
@@ -478,7 +479,7 @@ class ResourceHost(AgentHost):
     async def _announce(self, kind: str, lease: Lease) -> None:
         assert self.bus is not None
         subject = subjects.allocation if kind == "allocation" else subjects.release
-        await self.bus.publish(subject(lease.agent_id), LeaseEvent(
+        self.bus.publish_soon(subject(lease.agent_id), LeaseEvent(
             kind=kind, lease=lease, allocated_cpu=self.book.allocated_cpu,  # type: ignore[arg-type]
             allocated_memory_mb=self.book.allocated_memory_mb,
         ))

@@ -578,7 +578,9 @@ async def _kill_and_wait(watch: _Watch, pgid: int, token: str) -> None:
     # A few rounds, because a process that forked while we killed may have a child
     # we had not seen yet; its marker (or its cgroup) finds it in the next round.
     for _ in range(3):
-        victims = [*watch.members(), *_marked(token)]
+        # A cgroup holds the whole tree, forks and setsid included; without one, the
+        # environment marker is how escaped processes are found (a scan of every process).
+        victims = [*watch.members(), *(_marked(token) if watch.cage is None else [])]
         _kill(pgid, victims)
         if watch.cage is not None:
             watch.cage.kill()

@@ -65,6 +65,7 @@ class Bus:
         #: reconnect may have been lost with the old connection.
         self.epoch = 0
         self._reconnect_waiters: list[asyncio.Future[None]] = []
+        self._publishing: set[asyncio.Task[None]] = set()
 
     def _on_reconnected(self) -> None:
         self.epoch += 1
@@ -138,6 +139,11 @@ class Bus:
         return f"{server.scheme}://{server.hostname}:{server.port}" if server else ""
 
     async def close(self) -> None:
+        if self.nc.is_connected:
+            try:
+                await asyncio.wait_for(self.settle(), timeout=10)
+            except asyncio.TimeoutError:
+                log.warning("events still unconfirmed at close", count=len(self._publishing))
         for task in list(self._handlers):
             task.cancel()
         if not self.nc.is_closed:
@@ -278,6 +284,26 @@ class Bus:
         headers["Nats-Msg-Id"] = msg_id or uuid.uuid4().hex
         await self.retry(lambda: self.js.publish(subject, data, headers=headers, timeout=5.0),
                          what=f"publish on {subject}")
+
+    def publish_soon(self, subject: str, event: Message, *, msg_id: str | None = None) -> None:
+        """Publish now and confirm the stream stored it in the background.
+
+        Messages go out in call order (each task writes before its first wait); the acks,
+        retries included, are awaited by ``settle``. For events on the hot path.
+        """
+        task = asyncio.get_running_loop().create_task(self.publish(subject, event, msg_id=msg_id))
+        self._publishing.add(task)
+        task.add_done_callback(self._published)
+
+    def _published(self, task: asyncio.Task[None]) -> None:
+        self._publishing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("event not stored", error=str(task.exception()))
+
+    async def settle(self) -> None:
+        """Wait until every event sent with ``publish_soon`` is stored (or given up on)."""
+        while self._publishing:
+            await asyncio.gather(*list(self._publishing), return_exceptions=True)
 
     async def last_event(self, subject: str) -> tuple[bytes, dict[str, str] | None] | None:
         """The newest stored event on exactly ``subject``, or None."""

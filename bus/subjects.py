@@ -12,7 +12,13 @@ TASK_APPROVE = "task.approve"
 # Requests served by agents, each pool in its queue group.
 PLANNER_PLAN = "agent.planner.plan"
 EXECUTOR_RUN = "agent.executor.run"
-EXECUTOR_CANCEL = "agent.executor.cancel"  # broadcast: every executor kills that task's children
+EXECUTOR_CANCEL = "agent.executor.cancel"
+
+
+def executor_run(agent_id: str) -> str:
+    """One executor's own subject: the orchestrator sends there when it knows it is idle."""
+    return f"{EXECUTOR_RUN}.{agent_id}"
+  # broadcast: every executor kills that task's children
 VERIFIER_VERIFY = "agent.verifier.verify"
 RESOURCES_LEASE = "agent.resources.lease"
 RESOURCES_RELEASE = "agent.resources.release"

@@ -48,6 +48,8 @@ from schemas import (
 
 from schemas.codec import CodecError, content_type_of, loads
 
+from .bench import add_arguments as add_bench_arguments
+from .bench import cmd_bench
 from .hive import AsyncHive, default_state_dir
 from .validation import task_problems
 
@@ -165,6 +167,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("action", choices=["set", "list", "delete"])
     p.add_argument("name", nargs="?")
     p.add_argument("--value", help="the value (default: read from standard input)")
+
+    p = command("bench", cmd_bench, "measure hivebus against the floors of this machine", [])
+    add_bench_arguments(p)
 
     p = command("schema", cmd_schema, "print the JSON Schema of every message", [])
     p.add_argument("type", nargs="?", help="one message type, e.g. TaskSpec")

@@ -141,6 +141,10 @@ class Orchestrator:
         self._heartbeats: dict[str, tuple[int, float]] = {}
         #: idempotency key -> (agent_id, pid) of the executor that started it
         self._started: dict[str, tuple[str, int]] = {}
+        #: Executors this hive started, in the order work is offered to them; an idle one
+        #: gets an attempt on its own subject, so attempts do not collide in the queue group.
+        self._executors = [f"executor-{i}" for i in range(1, config.executor.replicas + 1)]
+        self._assigned: set[str] = set()
 
     # -- lifecycle of the service -------------------------------------------------
 
@@ -509,7 +513,7 @@ class Orchestrator:
         return reply.results
 
     async def _progress(self, task: _Task, iteration: int, kind: str, **fields: object) -> None:
-        await self.bus.publish(subjects.progress(task.record.task_id), ProgressEvent(
+        self.bus.publish_soon(subjects.progress(task.record.task_id), ProgressEvent(
             task_id=task.record.task_id, iteration=iteration, kind=kind, **fields))  # type: ignore[arg-type]
 
     # -- executing: the dispatcher shared by every task ---------------------------
@@ -665,10 +669,13 @@ class Orchestrator:
         key = assignment.idempotency_key
         backoff = 0.001
         patience = time.monotonic() + NO_EXECUTOR_PATIENCE_S
+        agent: str | None = None
         try:
             while True:
+                agent = self._pick_executor()
+                subject = subjects.EXECUTOR_RUN if agent is None else subjects.executor_run(agent)
                 request = asyncio.ensure_future(self.bus.call(
-                    subjects.EXECUTOR_RUN, assignment, WorkItemResult, timeout=timeout))
+                    subject, assignment, WorkItemResult, timeout=timeout))
                 watch = asyncio.ensure_future(self._executor_lost(key))
                 try:
                     await asyncio.wait({request, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -677,24 +684,50 @@ class Orchestrator:
                 if not request.done():
                     request.cancel()
                     await asyncio.gather(request, return_exceptions=True)
-                    agent = self._started.pop(key, ("?", 0))[0]
+                    self._release_executor(agent)
+                    agent = None
+                    lost = self._started.pop(key, ("?", 0))[0]
                     stored = await self._stored_result(assignment)
                     if stored is not None:
                         return stored
-                    log.warning("executor lost; dispatching the item again", key=key, agent=agent)
+                    log.warning("executor lost; dispatching the item again", key=key, agent=lost)
                     continue
                 try:
                     return request.result()
                 except RequestRejected as exc:
                     if exc.code != "busy":
                         return self._error_result(assignment, exc.message)
+                    if agent is not None:  # busy with someone else's work: offer it last
+                        self._executors.remove(agent)
+                        self._executors.append(agent)
                 except TransportError as exc:
                     if "nobody is serving" not in str(exc) or time.monotonic() > patience:
                         return self._error_result(assignment, str(exc))
+                    if agent is not None:  # restarting: the queue group finds another
+                        continue
+                finally:
+                    self._release_executor(agent)
+                    agent = None
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 0.05)
         finally:
+            self._release_executor(agent)
             self._started.pop(key, None)
+
+    def _pick_executor(self) -> str | None:
+        """An executor of this hive that is neither working for us nor silent, taken."""
+        now = time.monotonic()
+        for agent in self._executors:
+            beat = self._heartbeats.get(agent)
+            if agent in self._assigned or (beat is not None and now - beat[1] > HEARTBEAT_TIMEOUT_S):
+                continue
+            self._assigned.add(agent)
+            return agent
+        return None
+
+    def _release_executor(self, agent: str | None) -> None:
+        if agent is not None:
+            self._assigned.discard(agent)
 
     async def _executor_lost(self, key: str) -> None:
         """Return when the executor running attempt ``key`` stopped beating or restarted."""
@@ -777,6 +810,7 @@ class Orchestrator:
             iterations=record.iteration, duration_s=round(duration, 3), message=message,
             report_path=str(report_md),
         )
+        await self.bus.settle()
         lines = [line async for line in self._audit_lines(record.task_id)]
         subject = subjects.completion(record.task_id)
         lines.append(json.dumps({"subject": subject, **completion.model_dump(mode="json")},
