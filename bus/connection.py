@@ -57,8 +57,9 @@ class Bus:
     Create it with ``await Bus.connect(url, name=...)``; it reconnects on its own.
     """
 
-    def __init__(self, nc: Client):
+    def __init__(self, nc: Client, *, name: str = ""):
         self.nc = nc
+        self.name = name
         self.js = nc.jetstream()
         self._handlers: set[asyncio.Task[None]] = set()
         #: How many times the connection was re-established; a reply awaited across a
@@ -129,7 +130,7 @@ class Bus:
             raise TransportError(
                 f"cannot reach NATS at {public_url(url)}: {exc or type(exc).__name__}") from None
         connecting[0] = False
-        bus = cls(nc)
+        bus = cls(nc, name=name)
         holder.append(bus)
         return bus
 
@@ -248,7 +249,9 @@ class Bus:
             await self.dead_letter(msg.subject, exc.code, exc.message, msg.data)
             return
         try:
-            reply = await handler(request)
+            # Every log line of the handler carries who is working on what.
+            with structlog.contextvars.bound_contextvars(**_context_of(request), agent=self.name):
+                reply = await handler(request)
         except RequestRejected as exc:
             reply = Rejected(code=exc.code, message=exc.message)  # type: ignore[arg-type]
         except asyncio.CancelledError:
@@ -382,6 +385,19 @@ class Bus:
                 bucket=subjects.TASKS_BUCKET, storage=StorageType.FILE, history=1,
                 description="hivebus task records, one key per task id",
             )
+
+
+def _context_of(request: Message) -> dict[str, Any]:
+    """The task, iteration and work item a request is about, for log lines."""
+    context: dict[str, Any] = {}
+    for field in ("task_id", "iteration", "attempt"):
+        value = getattr(request, field, None)
+        if value is not None:
+            context[field] = value
+    item = getattr(request, "item", None)
+    if item is not None:
+        context["work_item"] = item.id
+    return context
 
 
 def decode_message(msg: Msg, into: type[M]) -> M:

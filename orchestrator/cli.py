@@ -63,7 +63,8 @@ class UsageError(HivebusError):
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(json=False, level="WARNING" if not getattr(args, "verbose", False) else "INFO")
+    # Readable lines on a terminal, JSON lines (with task_id, iteration, work_item, agent) elsewhere.
+    configure_logging(json=None, level="WARNING" if not getattr(args, "verbose", False) else "INFO")
     if args.command is None:
         parser.print_help()
         return EXIT_USAGE

@@ -368,6 +368,7 @@ class Orchestrator:
     # -- one task's loop ----------------------------------------------------------
 
     async def _drive(self, task: _Task) -> None:
+        structlog.contextvars.bind_contextvars(task_id=task.record.task_id)
         log_ = log.bind(task_id=task.record.task_id)
         try:
             deadline = task.record.deadline_at
