@@ -34,10 +34,11 @@ import functools
 import math
 import os
 import resource
+import shlex
 import signal
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Sequence, Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -334,26 +335,21 @@ class TreeCage:
         return left
 
 
-def child_setup(limits: Limits, cage: TreeCage | None) -> Callable[[], None]:
-    """The function a child runs between fork and exec: join ``cage``, set rlimits.
+def child_argv(argv: Sequence[str], limits: Limits, cage: TreeCage | None) -> list[str]:
+    """``argv``, started through a one-line ``sh`` that first joins ``cage`` and sets the
+    rlimits, then execs it: not one instruction of the program runs outside the cgroup.
 
-    Everything is computed here, in the parent: the child only makes system calls, which
-    is what keeps a preexec function safe enough in a process with threads.
+    This replaces a ``preexec_fn``, which forces a full fork of the (large) agent process
+    and costs several milliseconds per child; without one, Python spawns with vfork.
     """
-    procs_files = [os.fsencode(path) for path in cage.procs_files] if cage is not None else []
-    rlimits = _rlimits(limits)
-
-    def setup() -> None:
-        for path in procs_files:
-            fd = os.open(path, os.O_WRONLY)
-            try:
-                os.write(fd, b"0")  # "0" is the writing process itself
-            finally:
-                os.close(fd)
-        for which, value in rlimits:
-            resource.setrlimit(which, value)
-
-    return setup
+    steps = [f"echo 0 > {shlex.quote(path)}" for path in (cage.procs_files if cage else [])]
+    flags = {resource.RLIMIT_CPU: "-t", resource.RLIMIT_NPROC: "-u"}
+    for which, (soft, hard) in _rlimits(limits):
+        # Soft first: a hard limit below the current (unlimited) soft one is refused.
+        steps += [f"ulimit -S {flags[which]} {soft}", f"ulimit -H {flags[which]} {hard}"]
+    if not steps:
+        return list(argv)
+    return ["/bin/sh", "-c", " && ".join(steps) + ' && exec "$@"', "hivebus-cage", *argv]
 
 
 def describe(hit: LimitHit) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,7 +28,7 @@ import structlog
 from schemas.base import utcnow
 from schemas.work import TAIL_CHARS, LimitHit, LimitKind, Mechanism
 
-from .limits import Limits, TreeCage, child_setup, choose_mechanism
+from .limits import Limits, TreeCage, child_argv, choose_mechanism
 
 #: Set to a fresh token in every child's environment. Descendants inherit it, so a
 #: process that double-forked out of the tree (and out of its process group) can still
@@ -199,19 +200,20 @@ async def _run(
     token = uuid.uuid4().hex
     loop = asyncio.get_running_loop()
     t0 = time.monotonic()
+    argv = child_argv(spec.argv, spec.limits, cage)
+    if argv[0] != spec.argv[0] and shutil.which(spec.argv[0], path=spec.env.get("PATH")) is None:
+        # Started through the cage's sh, a missing program would only be its exit code 127.
+        return _not_started(started_at, f"cannot start {spec.argv[0]}: no such file or command")
     try:
         transport, protocol = await loop.subprocess_exec(
             _Protocol,
-            *spec.argv,
+            *argv,
             cwd=spec.cwd,
             env={**spec.env, MARKER_ENV: token},
             stdin=subprocess.DEVNULL if spec.stdin is None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             start_new_session=True,
-            # Joins the cgroup before exec, so not one instruction of the program runs
-            # outside it.
-            preexec_fn=child_setup(spec.limits, cage),
         )
     except FileNotFoundError:
         return _not_started(started_at, f"cannot start {spec.argv[0]}: no such file or command")
@@ -219,10 +221,6 @@ async def _run(
         return _not_started(started_at, f"cannot start {spec.argv[0]}: permission denied")
     except OSError as exc:
         return _not_started(started_at, f"cannot start {spec.argv[0]}: {exc.strerror or exc}")
-    except subprocess.SubprocessError:  # raised by child_setup in the child
-        return _not_started(
-            started_at, f"cannot start {spec.argv[0]}: its cgroup or rlimits could not be set"
-        )
 
     pid = transport.get_pid()
     watch = _Watch(pid, spec.limits, cage)
