@@ -38,7 +38,7 @@ import shlex
 import signal
 import time
 import uuid
-from collections.abc import Sequence, Callable, Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 

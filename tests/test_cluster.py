@@ -26,19 +26,21 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import nats
 import pytest
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from bus import EmbeddedNats
 
 pytestmark = [pytest.mark.integration, pytest.mark.skipif(
     not sys.platform.startswith("linux"), reason="the keeper uses Linux's child subreaper")]
 
+T = TypeVar("T")
 BIN = Path(sys.executable).parent
 MiB = 1024 * 1024
 
@@ -91,10 +93,26 @@ kill_descendants()
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def samples(text: str, prefix: str) -> dict[str, list[tuple[dict[str, str], float]]]:
+    """The samples of a Prometheus text page whose names start with ``prefix``, by name."""
+    found: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.startswith(prefix):
+                found.setdefault(sample.name, []).append((sample.labels, sample.value))
+    return found
+
+
+def free_ports(count: int) -> Iterator[int]:
+    """Distinct free ports (all held open at once, so that none is handed out twice)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return iter([s.getsockname()[1] for s in sockets])
+    finally:
+        for s in sockets:
+            s.close()
 
 
 class Keeper:
@@ -132,8 +150,9 @@ class RayCluster:
     def __init__(self) -> None:
         self.token = secrets.token_hex(32)
         self.temp_dir = Path(f"/tmp/hb-ray-{uuid.uuid4().hex[:8]}")  # short: socket paths
-        self.gcs_port, self.dashboard_port = free_port(), free_port()
-        self.metrics_ports = (free_port(), free_port())
+        self.ports = free_ports(12)
+        self.gcs_port, self.dashboard_port = next(self.ports), next(self.ports)
+        self.metrics_ports = (next(self.ports), next(self.ports))
         self.dashboard = f"http://127.0.0.1:{self.dashboard_port}"
         self.env = {
             **os.environ,
@@ -153,9 +172,9 @@ class RayCluster:
     def node_ports(self, metrics_port: int) -> list[str]:
         # Every port pinned to a free one, so that a second Ray on this machine never
         # collides with this one on Ray's fixed defaults (8265, 52365, 10001).
-        return ["--dashboard-agent-listen-port", str(free_port()),
-                "--dashboard-agent-grpc-port", str(free_port()),
-                "--runtime-env-agent-port", str(free_port()),
+        return ["--dashboard-agent-listen-port", str(next(self.ports)),
+                "--dashboard-agent-grpc-port", str(next(self.ports)),
+                "--runtime-env-agent-port", str(next(self.ports)),
                 "--metrics-export-port", str(metrics_port)]
 
     def start(self) -> None:
@@ -166,7 +185,7 @@ class RayCluster:
             "head", "--head", "--port", str(self.gcs_port),
             "--num-cpus", "3", "--resources", json.dumps({"hivebus_executor": 1}),
             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
-            "--ray-client-server-port", str(free_port()),
+            "--ray-client-server-port", str(next(self.ports)),
             *self.node_ports(self.metrics_ports[0]), *common)
         self.start_node(
             "node2", "--address", f"127.0.0.1:{self.gcs_port}",
@@ -190,14 +209,24 @@ class RayCluster:
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.loads(response.read())
 
+    def dashboard_is_up(self) -> bool:
+        try:
+            return bool(self.api("/api/version"))
+        except OSError:
+            return False
+
     def nodes(self) -> list[dict[str, Any]]:
         return json.loads(self.ray("list", "nodes", "--address", self.dashboard, "--format", "json"))
 
-    def hivebus_actors(self, *filters: str) -> list[dict[str, Any]]:
-        args = ["list", "actors", "--address", self.dashboard, "--format", "json", "--limit", "1000"]
-        for f in filters:
-            args += ["--filter", f]
-        return [a for a in json.loads(self.ray(*args)) if a.get("ray_namespace") == "hivebus"]
+    def hivebus_actors(self) -> dict[str, dict[str, Any]]:
+        """``ray list actors`` of namespace hivebus, by name (the latest of each name)."""
+        out = self.ray("list", "actors", "--address", self.dashboard, "--format", "json",
+                       "--filter", "ray_namespace=hivebus", "--limit", "1000")
+        if out.strip() == "No resource in the cluster":  # what the CLI prints for none, even as JSON
+            return {}
+        actors = json.loads(out)
+        # A name can appear twice (a DEAD actor and its successor): a live one wins.
+        return {a["name"]: a for a in sorted(actors, key=lambda a: a["state"] == "ALIVE")}
 
     def metrics(self, node: int = 0) -> str:
         """The Prometheus text of a node's metrics agent (node 0: the head)."""
@@ -242,15 +271,15 @@ def open_nats(tmp_path: Path) -> Iterator[EmbeddedNats]:
         server.stop()
 
 
-def wait_for(predicate, what: str, *, timeout: float, every: float = 1.0):  # type: ignore[no-untyped-def]
+def poll(probe: Callable[[], T], *, timeout: float, until: Callable[[T], bool] = bool,
+         every: float = 1.0) -> T:
+    """Call ``probe`` until ``until`` holds for its value or ``timeout`` passes; the last value."""
     deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+    value = probe()
+    while not until(value) and time.monotonic() < deadline:
         time.sleep(every)
+        value = probe()
+    return value
 
 
 ITEMS = 6
@@ -294,7 +323,7 @@ def test_hivebus_up_as_a_ray_job_runs_items_on_both_nodes_and_leaves_no_actor_af
     }))
     state = tmp_path / "state"
     submission = f"hivebus-test-{uuid.uuid4().hex[:8]}"
-    wait_for(lambda: cluster.api("/api/version"), "the dashboard", timeout=60)
+    assert poll(cluster.dashboard_is_up, timeout=60), "the dashboard did not answer"
 
     cluster.ray("job", "submit", "--address", cluster.dashboard, "--submission-id", submission,
                 "--working-dir", str(job_dir), "--no-wait", "--",
@@ -307,13 +336,12 @@ def test_hivebus_up_as_a_ray_job_runs_items_on_both_nodes_and_leaves_no_actor_af
         assert status in ("PENDING", "RUNNING"), f"the job is {status}:\n{logs}"
         return "hivebus is up" in logs
 
-    wait_for(hive_is_up, "`hivebus is up` in the job's logs", timeout=120)
+    assert poll(hive_is_up, timeout=120), "`hivebus is up` never appeared in the job's logs"
     nodes = {n["node_id"]: n for n in cluster.nodes() if n["state"] == "ALIVE"}
     assert len(nodes) == 2
-    executors = {a["name"]: a["node_id"] for a in cluster.hivebus_actors("state=ALIVE")
-                 if a["name"].startswith("executor-")}
-    assert sorted(executors) == ["executor-1", "executor-2"]
-    assert set(executors.values()) == set(nodes)
+    agents = {name: a["node_id"] for name, a in cluster.hivebus_actors().items() if a["state"] == "ALIVE"}
+    assert sorted(agents) == ["executor-1", "executor-2", "planner-1", "resources", "verifier-1"]
+    assert {agents["executor-1"], agents["executor-2"]} == set(nodes)
 
     record = asyncio.run(submit_and_wait(open_nats.url, task_body(), timeout=120))
 
@@ -323,19 +351,29 @@ def test_hivebus_up_as_a_ray_job_runs_items_on_both_nodes_and_leaves_no_actor_af
     assert all(r["status"] == "succeeded" for r in results)
     assert {r["node_id"] for r in results} == set(nodes), "items ran on one node only"
 
-    # Needs HiveMetrics (orchestrator/metrics.py) wired into the orchestrator: the hive
-    # records them in the `hivebus up` driver, which runs on the head, so they appear on
-    # the head's metrics agent with Ray's `ray_` prefix.
-    def hivebus_metrics() -> str:
-        text = cluster.metrics(0)
-        wanted = ("ray_hivebus_items_completed_total", "ray_hivebus_dispatch_latency_seconds_bucket",
-                  "ray_hivebus_tasks")
-        return text if all(name in text for name in wanted) else ""
-
-    text = wait_for(hivebus_metrics, "hivebus_* metrics on the head's metrics endpoint", timeout=45)
-    assert f'status="succeeded"' in text
-
     cluster.ray("job", "stop", "--address", cluster.dashboard, submission, timeout=90)
 
     assert cluster.api(f"/api/jobs/{submission}")["status"] == "STOPPED"
-    wait_for(lambda: not cluster.hivebus_actors("state=ALIVE"), "no live hivebus actor", timeout=60)
+    assert not (state / "hive.json").exists(), "hivebus up did not stop through its finally"
+    def live_hivebus_actors() -> list[str]:
+        return [f"{name} {a['state']}" for name, a in cluster.hivebus_actors().items() if a["state"] != "DEAD"]
+
+    assert poll(live_hivebus_actors, until=lambda live: not live, timeout=60) == []
+    assert sorted(cluster.hivebus_actors()) == sorted(agents)  # all listed, all DEAD
+
+    # Needs HiveMetrics (orchestrator/metrics.py) wired into the orchestrator. The hive
+    # records them in the `hivebus up` driver, which runs on the head, so they are on the
+    # head's metrics agent, with Ray's `ray_` prefix; the agent keeps the last values
+    # after the job ends.
+    def hivebus_samples() -> dict[str, list[tuple[dict[str, str], float]]]:
+        found = samples(cluster.metrics(0), "ray_hivebus_")
+        wanted = ("ray_hivebus_items_completed_total", "ray_hivebus_dispatch_latency_seconds_count",
+                  "ray_hivebus_tasks")
+        return found if all(name in found for name in wanted) else {}
+
+    found = poll(hivebus_samples, timeout=45)
+    assert found, "no hivebus metrics on the head's metrics endpoint"
+    assert sum(value for _, value in found["ray_hivebus_items_completed_total"]) >= ITEMS
+    assert sum(value for _, value in found["ray_hivebus_dispatch_latency_seconds_count"]) >= ITEMS
+    assert any(labels.get("state") == "SUCCEEDED" and value >= 1
+               for labels, value in found["ray_hivebus_tasks"])
