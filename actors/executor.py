@@ -142,12 +142,14 @@ class ExecutorCore:
         timeout = item.timeout_s or self.default_timeout_s
         limits = Limits.from_resources(self._resources(assignment), timeout_s=timeout)
 
-        before = await asyncio.to_thread(snapshot_files, assignment.workdir)
+        # Inline, not in a thread: an executor runs one item at a time, and for the usual
+        # workdir the walk costs less than handing it to a thread and back.
+        before = snapshot_files(assignment.workdir)
         outcome = await run_child(
             ChildSpec(argv=argv, cwd=assignment.workdir, env=env, stdin=stdin, limits=limits),
             cancel=cancel,
         )
-        after = await asyncio.to_thread(snapshot_files, assignment.workdir)
+        after = snapshot_files(assignment.workdir)
         files = changed_files(before, after)
 
         status, error = _status(outcome, timeout, item.call)

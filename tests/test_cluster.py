@@ -45,7 +45,7 @@ BIN = Path(sys.executable).parent
 MiB = 1024 * 1024
 
 KEEPER = r"""
-import ctypes, json, os, signal, subprocess, sys, time
+import ctypes, json, os, signal, subprocess, sys
 import psutil
 
 PR_SET_PDEATHSIG, PR_SET_CHILD_SUBREAPER = 1, 36
@@ -351,20 +351,9 @@ def test_hivebus_up_as_a_ray_job_runs_items_on_both_nodes_and_leaves_no_actor_af
     assert all(r["status"] == "succeeded" for r in results)
     assert {r["node_id"] for r in results} == set(nodes), "items ran on one node only"
 
-    cluster.ray("job", "stop", "--address", cluster.dashboard, submission, timeout=90)
-
-    assert cluster.api(f"/api/jobs/{submission}")["status"] == "STOPPED"
-    assert not (state / "hive.json").exists(), "hivebus up did not stop through its finally"
-    def live_hivebus_actors() -> list[str]:
-        return [f"{name} {a['state']}" for name, a in cluster.hivebus_actors().items() if a["state"] != "DEAD"]
-
-    assert poll(live_hivebus_actors, until=lambda live: not live, timeout=60) == []
-    assert sorted(cluster.hivebus_actors()) == sorted(agents)  # all listed, all DEAD
-
     # Needs HiveMetrics (orchestrator/metrics.py) wired into the orchestrator. The hive
     # records them in the `hivebus up` driver, which runs on the head, so they are on the
-    # head's metrics agent, with Ray's `ray_` prefix; the agent keeps the last values
-    # after the job ends.
+    # head's metrics agent, with Ray's `ray_` prefix.
     def hivebus_samples() -> dict[str, list[tuple[dict[str, str], float]]]:
         found = samples(cluster.metrics(0), "ray_hivebus_")
         wanted = ("ray_hivebus_items_completed_total", "ray_hivebus_dispatch_latency_seconds_count",
@@ -377,3 +366,14 @@ def test_hivebus_up_as_a_ray_job_runs_items_on_both_nodes_and_leaves_no_actor_af
     assert sum(value for _, value in found["ray_hivebus_dispatch_latency_seconds_count"]) >= ITEMS
     assert any(labels.get("state") == "SUCCEEDED" and value >= 1
                for labels, value in found["ray_hivebus_tasks"])
+
+    cluster.ray("job", "stop", "--address", cluster.dashboard, submission, timeout=90)
+
+    assert cluster.api(f"/api/jobs/{submission}")["status"] == "STOPPED"
+    assert not (state / "hive.json").exists(), "hivebus up did not stop through its finally"
+
+    def live_hivebus_actors() -> list[str]:
+        return [f"{name} {a['state']}" for name, a in cluster.hivebus_actors().items() if a["state"] != "DEAD"]
+
+    assert poll(live_hivebus_actors, until=lambda live: not live, timeout=60) == []
+    assert sorted(cluster.hivebus_actors()) == sorted(agents)  # all listed, all DEAD
