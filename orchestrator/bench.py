@@ -38,7 +38,7 @@ import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -111,7 +111,7 @@ class Sizes:
 
 QUICK = Sizes(nats_requests=500, spawns=100, ray_serial=200, ray_pipelined=1000,
               submissions=40, chain=25, fanout=200, executors=(1, 2, 4), dag_repeats=3)
-FULL = Sizes(nats_requests=3000, spawns=500, ray_serial=1000, ray_pipelined=5000,
+FULL = Sizes(nats_requests=3000, spawns=500, ray_serial=1000, ray_pipelined=4000,
              submissions=250, chain=200, fanout=2000, executors=(1, 2, 4), dag_repeats=5)
 
 
@@ -121,34 +121,41 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="fewer samples and a fan-out of 200 items: well under two minutes (CI)")
     parser.add_argument("--json", metavar="PATH", type=Path, default=None,
                         help="also write every figure as JSON to PATH")
-    parser.add_argument("--submissions", type=int, metavar="N", default=None,
+    parser.add_argument("--submissions", type=_sample_size, metavar="N", default=None,
                         help="tasks submitted for the submit -> RUNNING latency (default 250, quick 40)")
-    parser.add_argument("--chain", type=int, metavar="N", default=None,
+    parser.add_argument("--chain", type=_sample_size, metavar="N", default=None,
                         help="items in each serial chain (default 200, quick 25)")
-    parser.add_argument("--fanout", type=int, metavar="N", default=None,
+    parser.add_argument("--fanout", type=_sample_size, metavar="N", default=None,
                         help="items in each fan-out (default 2000, quick 200)")
-    parser.add_argument("--executors", metavar="LIST", default=None,
-                        help="executor counts of the scaling curve, e.g. 1,2,4 (the default)")
+    parser.add_argument("--executors", type=_executor_counts, metavar="LIST", default=None,
+                        help="executor counts of the scaling curve (default 1,2,4)")
+
+
+def _sample_size(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 2:
+        raise argparse.ArgumentTypeError(f"at least 2 samples are needed, not {value}")
+    return value
+
+
+def _executor_counts(text: str) -> tuple[int, ...]:
+    try:
+        counts = tuple(int(n) for n in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a list of numbers such as 1,2,4") from None
+    if min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"every executor count must be at least 1, not {text!r}")
+    return counts
 
 
 def sizes_from(args: argparse.Namespace) -> Sizes:
-    sizes = QUICK if args.quick else FULL
-    update: dict[str, Any] = {}
-    for name in ("submissions", "chain", "fanout"):
-        value = getattr(args, name, None)
-        if value is not None:
-            if value < 2:
-                raise BenchError(f"--{name} must be at least 2, not {value}")
-            update[name] = value
-    if getattr(args, "executors", None):
-        try:
-            counts = tuple(int(n) for n in args.executors.split(","))
-        except ValueError:
-            raise BenchError(f"--executors takes numbers separated by commas, not {args.executors!r}") from None
-        if not counts or min(counts) < 1:
-            raise BenchError(f"--executors takes counts of at least 1, not {args.executors!r}")
-        update["executors"] = counts
-    return Sizes(**{**asdict(sizes), **update})
+    """The quick or full sizes, with the counts given on the command line."""
+    given = {name: getattr(args, name, None) for name in ("submissions", "chain", "fanout", "executors")}
+    return replace(QUICK if args.quick else FULL,
+                   **{name: value for name, value in given.items() if value is not None})
 
 
 def cmd_bench(args: argparse.Namespace, console: Console) -> int:
@@ -587,8 +594,9 @@ async def scheduling_costs(workdir: Path, sizes: Sequence[int], *,
     for size in sizes:
         data = layered_dag(size, workdir)
         runs = []
-        # Small DAGs are repeated more, so that every size is timed over as many items.
-        for _ in range(max(repeats, 20 * max(sizes) // (size * 10))):
+        # Small DAGs are repeated more. Each run starts from a collected heap, so that
+        # the collector's passes fall in every run alike.
+        for _ in range(max(repeats, min(30, max(sizes) // size))):
             gc.collect()
             runs.append(await once(data))
         # The fastest run of each part: what other processes do to this machine only

@@ -39,6 +39,7 @@ from schemas import (
     load_task_file,
 )
 
+from .metrics import hive_metrics
 from .service import Orchestrator
 
 log = structlog.get_logger("hivebus.hive")
@@ -125,12 +126,13 @@ class AsyncHive:
                 nats_auth, agent_auth = nats.credentials("orchestrator"), nats.credentials("agent")
             started_ray = init_ray(config, ray_address) if owns_ray is None else owns_ray
             config = fit_to_cluster(config)
+            metrics = hive_metrics()
             bus = await Bus.connect(nats_url, name="hivebus-orchestrator", auth=nats_auth)
             root = Path(workdir_root).resolve() if workdir_root else Path.cwd()
             if policy == "local":
                 policy = Policy.local(root)
             orchestrator = Orchestrator(bus=bus, config=config, state_dir=state, workdir_root=root,
-                                        policy=policy)  # type: ignore[arg-type]
+                                        policy=policy, metrics=metrics)  # type: ignore[arg-type]
             await orchestrator.start()
             pool = AgentPool(config=config, nats_url=nats_url, state_dir=str(state),
                              auth=agent_auth or nats_auth)

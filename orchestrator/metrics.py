@@ -5,7 +5,7 @@ they are recorded: the orchestrator records them in the process that runs the hi
 (for ``ray job submit -- hivebus up``, the job's driver on the head). The agent listens
 on ``ray start --metrics-export-port`` (random when not given; ``ray.nodes()`` reports it
 as ``MetricsExportPort``), at ``http://NODE:PORT/metrics``. Ray prefixes every
-application metric with ``ray_`` and reports counters with the suffix ``_total``:
+application metric with ``ray_`` (and appends ``_total`` to a counter whose name lacks it):
 
 ========================================  ==========  ===================================
 exported name                             type        tags (besides Ray's own)

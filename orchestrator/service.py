@@ -67,6 +67,7 @@ from actors.policy import Policy
 from actors.secrets import SecretError, SecretStore, secret_names
 
 from .artifacts import TaskArtifacts
+from .metrics import Metrics, NoMetrics
 from .machine import enter_stage, failure_context, fingerprint, judge_iteration, transition
 from .report import render_markdown, report_data
 from .scheduler import Scheduler
@@ -114,15 +115,21 @@ class _Task:
     loop: asyncio.Task[None] | None = None
     cancel_requested: bool = False
     results: list[WorkItemResult] = field(default_factory=list)
+    saved: bool = False  # counted in the metrics by this orchestrator
 
 
 class Orchestrator:
     """Owns every task of a hive. One per hive; agents are reached only through NATS."""
 
     def __init__(self, *, bus: Bus, config: HiveConfig, state_dir: Path,
-                 workdir_root: Path | None = None, policy: Policy | None = None):
+                 workdir_root: Path | None = None, policy: Policy | None = None,
+                 metrics: Metrics | None = None):
         self.bus = bus
         self.config = config
+        self.metrics: Metrics = metrics or NoMetrics()
+        #: idempotency key -> when it was first sent / how long until an executor took it
+        self._sent_at: dict[str, float] = {}
+        self._latency: dict[str, float] = {}
         #: The execution policy every plan is checked against (None: no check).
         self.policy = policy
         self.state_dir = state_dir
@@ -200,6 +207,9 @@ class Orchestrator:
             key = f"{event.task_id}:{event.iteration}:{event.item_id}:{event.attempt}"
             pid = self._heartbeats.get(event.agent_id, (0, 0.0))[0]
             self._started[key] = (event.agent_id, pid)
+            sent = self._sent_at.pop(key, None)
+            if sent is not None:
+                self._latency[key] = time.monotonic() - sent
 
     async def stop(self) -> None:
         """Stop serving and abandon running loops (their records stay as they are)."""
@@ -331,6 +341,10 @@ class Orchestrator:
     async def _save(self, task: _Task, record: TaskRecord, *, announce: bool = True) -> None:
         changed = (record.state, record.stage, record.iteration) != (
             task.record.state, task.record.stage, task.record.iteration)
+        if record.state != task.record.state or not task.saved:
+            self.metrics.task_state(record.state.value,
+                                    previous=task.record.state.value if task.saved else None)
+            task.saved = True
         task.record = record
         data, _ = encode(record)
         kv = self._kv
@@ -508,6 +522,8 @@ class Orchestrator:
         except (RequestRejected, TransportError) as exc:
             raise TaskEnded(TaskState.FAILED, "internal_error", f"verification failed: {exc}") from None
         for result in reply.results:
+            if not result.passed:
+                self.metrics.gate_failed(result.gate)
             await self._progress(task, iteration, "gate_finished", gate=result.gate,
                                  status="passed" if result.passed else "failed",
                                  duration_s=result.duration_s, agent_id=result.agent_id)
@@ -580,6 +596,11 @@ class Orchestrator:
         task = self.tasks[batch.task_id]
         batch.results[item.id] = result
         task.results.append(result)
+        key = f"{result.task_id}:{result.iteration}:{result.item_id}:{result.attempt}"
+        self._sent_at.pop(key, None)
+        self.metrics.item_finished(result.status, self._latency.pop(key, None))
+        if result.status == "resource_limit" and result.limit is not None:
+            self.metrics.limit_killed(result.limit.limit)
         total = len(batch.plan.items)
         await self._progress(task, batch.plan.iteration, "item_finished", item_id=item.id,
                              status=result.status, attempt=result.attempt, agent_id=result.agent_id,
@@ -668,6 +689,7 @@ class Orchestrator:
         item_timeout = assignment.item.timeout_s or self.config.default_timeout_s
         timeout = 2 * item_timeout + DISPATCH_SLACK_S
         key = assignment.idempotency_key
+        self._sent_at.setdefault(key, time.monotonic())
         backoff = 0.001
         patience = time.monotonic() + NO_EXECUTOR_PATIENCE_S
         agent: str | None = None

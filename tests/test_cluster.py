@@ -354,18 +354,17 @@ def test_hivebus_up_as_a_ray_job_runs_items_on_both_nodes_and_leaves_no_actor_af
     # Needs HiveMetrics (orchestrator/metrics.py) wired into the orchestrator. The hive
     # records them in the `hivebus up` driver, which runs on the head, so they are on the
     # head's metrics agent, with Ray's `ray_` prefix.
-    def hivebus_samples() -> dict[str, list[tuple[dict[str, str], float]]]:
-        found = samples(cluster.metrics(0), "ray_hivebus_")
-        wanted = ("ray_hivebus_items_completed_total", "ray_hivebus_dispatch_latency_seconds_count",
-                  "ray_hivebus_tasks")
-        return found if all(name in found for name in wanted) else {}
+    def task_is_counted(found: dict[str, list[tuple[dict[str, str], float]]]) -> bool:
+        def total(name: str) -> float:
+            return sum(value for _, value in found.get(name, []))
 
-    found = poll(hivebus_samples, timeout=45)
-    assert found, "no hivebus metrics on the head's metrics endpoint"
-    assert sum(value for _, value in found["ray_hivebus_items_completed_total"]) >= ITEMS
-    assert sum(value for _, value in found["ray_hivebus_dispatch_latency_seconds_count"]) >= ITEMS
-    assert any(labels.get("state") == "SUCCEEDED" and value >= 1
-               for labels, value in found["ray_hivebus_tasks"])
+        return (total("ray_hivebus_items_completed_total") >= ITEMS
+                and total("ray_hivebus_dispatch_latency_seconds_count") >= ITEMS
+                and any(labels.get("state") == "SUCCEEDED" and value >= 1
+                        for labels, value in found.get("ray_hivebus_tasks", [])))
+
+    found = poll(lambda: samples(cluster.metrics(0), "ray_hivebus_"), until=task_is_counted, timeout=45)
+    assert task_is_counted(found), f"the head's metrics endpoint has: {found}"
 
     cluster.ray("job", "stop", "--address", cluster.dashboard, submission, timeout=90)
 
