@@ -242,7 +242,7 @@ class ExecutorHost(SecretsMixin, AgentHost):
         self._running: dict[str, asyncio.Future[WorkItemResult]] = {}
         self._recent: OrderedDict[str, WorkItemResult] = OrderedDict()
         await bus.serve(subjects.EXECUTOR_RUN, WorkItemAssignment, self._run, queue=subjects.EXECUTORS)
-        await bus.serve(subjects.executor_run(self.agent_id), WorkItemAssignment, self._run)
+        await bus.serve(subjects.executor_run(self.settings.hive_id, self.agent_id), WorkItemAssignment, self._run)
         await bus.subscribe(subjects.EXECUTOR_CANCEL, TaskRef, self._cancel)
 
     async def _run(self, assignment: WorkItemAssignment) -> WorkItemResult:

@@ -15,9 +15,10 @@ EXECUTOR_RUN = "agent.executor.run"
 EXECUTOR_CANCEL = "agent.executor.cancel"
 
 
-def executor_run(agent_id: str) -> str:
-    """One executor's own subject: the orchestrator sends there when it knows it is idle."""
-    return f"{EXECUTOR_RUN}.{agent_id}"
+def executor_run(hive_id: str, agent_id: str) -> str:
+    """One executor's own subject: its hive's orchestrator sends there when it knows it is
+    idle. The hive id keeps two hives' ``executor-1`` apart on one NATS (a restart)."""
+    return f"{EXECUTOR_RUN}.{hive_id}.{agent_id}"
   # broadcast: every executor kills that task's children
 VERIFIER_VERIFY = "agent.verifier.verify"
 RESOURCES_LEASE = "agent.resources.lease"

@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 import ray
 import structlog
 
-from actors import NAMESPACE, AgentPool, fit_to_cluster
+from actors import NAMESPACE, AgentPool, agent_names, fit_to_cluster
 from actors.policy import Policy
 from bus import Bus, EmbeddedNats, subjects
 from bus.auth import NatsAuth, load_role
@@ -137,6 +137,7 @@ class AsyncHive:
             pool = AgentPool(config=config, nats_url=nats_url, state_dir=str(state),
                              auth=agent_auth or nats_auth)
             await pool.start_async()
+            orchestrator.use_executors(pool.hive_id, [a for r, a in agent_names(config) if r == "executor"])
             await orchestrator.resume()
         except BaseException:
             await _close(orchestrator, pool, bus, nats, started_ray)

@@ -150,7 +150,8 @@ class Orchestrator:
         self._started: dict[str, tuple[str, int]] = {}
         #: Executors this hive started, in the order work is offered to them; an idle one
         #: gets an attempt on its own subject, so attempts do not collide in the queue group.
-        self._executors = [f"executor-{i}" for i in range(1, config.executor.replicas + 1)]
+        self._executors: list[str] = []
+        self._hive_id = ""
         self._assigned: set[str] = set()
 
     # -- lifecycle of the service -------------------------------------------------
@@ -170,6 +171,11 @@ class Orchestrator:
             await self.bus.subscribe(subjects.progress("*"), ProgressEvent, self._on_progress),
         ]
         self._pump = asyncio.get_running_loop().create_task(self._dispatch_loop())
+
+    def use_executors(self, hive_id: str, agent_ids: list[str]) -> None:
+        """The executors this hive started: idle ones get attempts on their own subject."""
+        self._hive_id = hive_id
+        self._executors = list(agent_ids)
 
     async def resume(self) -> None:
         """Take over every task in ``hivebus_tasks``; continue the ones that had not ended.
@@ -596,9 +602,9 @@ class Orchestrator:
         task = self.tasks[batch.task_id]
         batch.results[item.id] = result
         task.results.append(result)
-        key = f"{result.task_id}:{result.iteration}:{result.item_id}:{result.attempt}"
-        self._sent_at.pop(key, None)
-        self.metrics.item_finished(result.status, self._latency.pop(key, None))
+        attempt_key = f"{result.task_id}:{result.iteration}:{result.item_id}:{result.attempt}"
+        self._sent_at.pop(attempt_key, None)
+        self.metrics.item_finished(result.status, self._latency.pop(attempt_key, None))
         if result.status == "resource_limit" and result.limit is not None:
             self.metrics.limit_killed(result.limit.limit)
         total = len(batch.plan.items)
@@ -696,7 +702,8 @@ class Orchestrator:
         try:
             while True:
                 agent = self._pick_executor()
-                subject = subjects.EXECUTOR_RUN if agent is None else subjects.executor_run(agent)
+                subject = (subjects.EXECUTOR_RUN if agent is None
+                           else subjects.executor_run(self._hive_id, agent))
                 request = asyncio.ensure_future(self.bus.call(
                     subject, assignment, WorkItemResult, timeout=timeout))
                 watch = asyncio.ensure_future(self._executor_lost(key))
