@@ -86,8 +86,6 @@ DAG_SIZES = (100, 1000, 10000)
 SCALING_EXECUTOR = PoolConfig(cpu=1, memory_mb=512)
 SCALING_SERVICE = PoolConfig(replicas=1, cpu=0.5, memory_mb=256)
 NOOP_MODULE = "def run(**kwargs):\n    return None\n"
-#: How long one measured task may take before the benchmark gives up on it.
-TASK_TIMEOUT_S = 600.0
 
 
 class BenchError(HivebusError):
@@ -107,12 +105,17 @@ class Sizes:
     fanout: int
     executors: tuple[int, ...]
     dag_repeats: int
+    #: How long one measured task may take before the benchmark gives up on it (a hive
+    #: that hangs fails the run with a sentence instead of holding CI until its timeout).
+    task_timeout_s: float
 
 
 QUICK = Sizes(nats_requests=500, spawns=100, ray_serial=200, ray_pipelined=1000,
-              submissions=40, chain=25, fanout=200, executors=(1, 2, 4), dag_repeats=3)
+              submissions=40, chain=25, fanout=200, executors=(1, 2, 4), dag_repeats=3,
+              task_timeout_s=60)
 FULL = Sizes(nats_requests=3000, spawns=500, ray_serial=1000, ray_pipelined=4000,
-             submissions=250, chain=200, fanout=2000, executors=(1, 2, 4), dag_repeats=5)
+             submissions=250, chain=200, fanout=2000, executors=(1, 2, 4), dag_repeats=5,
+             task_timeout_s=600)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -203,7 +206,8 @@ async def run_bench(sizes: Sizes, root: Path, *, say: Callable[[str], None]) -> 
     report: dict[str, Any] = {}
 
     say("starting a hive with the default pools")
-    async with _hive(root, "default", HiveConfig(), workdir) as (hive, client, events):
+    async with _hive(root, "default", HiveConfig(), workdir,
+                     timeout_s=sizes.task_timeout_s) as (hive, client, events):
         await asyncio.sleep(1.0)  # let the agents finish starting up: idle means idle
         report["idle_memory_mb"] = await idle_memory(hive)
 
@@ -240,7 +244,8 @@ async def run_bench(sizes: Sizes, root: Path, *, say: Callable[[str], None]) -> 
         config = HiveConfig(executor=SCALING_EXECUTOR.model_copy(update={"replicas": count}),
                             planner=SCALING_SERVICE, verifier=SCALING_SERVICE)
         say(f"fan-out of {sizes.fanout} no-op items, {count} executor(s)")
-        async with _hive(root, f"executors-{count}", config, workdir) as (_, client, events):
+        async with _hive(root, f"executors-{count}", config, workdir,
+                         timeout_s=sizes.task_timeout_s) as (_, client, events):
             curve[str(count)] = await fanout(client, events, workdir, sizes.fanout)
     report["fanout_throughput_items_per_s"] = {
         "items": sizes.fanout,
@@ -267,7 +272,8 @@ class Recorder:
     recording costs the hive (which shares this process) as little as possible.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
         self.progress: dict[str, list[tuple[float, bytes, dict[str, str] | None]]] = defaultdict(list)
         self.running: dict[str, float] = {}
         self.completed: dict[str, float] = {}
@@ -304,16 +310,16 @@ class Recorder:
         if waiter is not None and not waiter.done():
             waiter.set_result(when)
 
-    async def wait(self, kind: str, task_id: str, *, timeout: float = TASK_TIMEOUT_S) -> float:
+    async def wait(self, kind: str, task_id: str) -> float:
         """When the task's ``running`` or ``completed`` event arrived (waiting for it)."""
         seen = getattr(self, kind).get(task_id)
         if seen is not None:
             return seen
         waiter = self._waiters.setdefault((kind, task_id), asyncio.get_running_loop().create_future())
         try:
-            return await asyncio.wait_for(asyncio.shield(waiter), timeout)
+            return await asyncio.wait_for(asyncio.shield(waiter), self.timeout_s)
         except asyncio.TimeoutError:
-            raise BenchError(f"task {task_id}: no {kind} event within {timeout:g} s") from None
+            raise BenchError(f"task {task_id}: no {kind} event within {self.timeout_s:g} s") from None
 
     def progress_of(self, task_id: str) -> list[tuple[float, ProgressEvent]]:
         """The task's progress events in arrival order, decoded (and forgotten here)."""
@@ -322,8 +328,8 @@ class Recorder:
 
 
 @asynccontextmanager
-async def _hive(root: Path, name: str, config: HiveConfig,
-                workdir: Path) -> AsyncIterator[tuple[AsyncHive, AsyncHive, Recorder]]:
+async def _hive(root: Path, name: str, config: HiveConfig, workdir: Path, *,
+                timeout_s: float) -> AsyncIterator[tuple[AsyncHive, AsyncHive, Recorder]]:
     """A hive on the Ray of this process with its own nats-server and state dir, and a
     client connected to it as ``hivebus submit`` would be; all closed on the way out."""
     hive = await AsyncHive.start(config=config, state_dir=root / name, owns_ray=False,
@@ -331,7 +337,7 @@ async def _hive(root: Path, name: str, config: HiveConfig,
     try:
         client = await AsyncHive.connect(hive.nats_url, state_dir=root / name)
         try:
-            events = Recorder()
+            events = Recorder(timeout_s=timeout_s)
             await events.start(client.bus.nc)
             yield hive, client, events
             await events.stop()

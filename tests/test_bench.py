@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,8 +13,6 @@ from pathlib import Path
 import pytest
 
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 def positive(value: object) -> bool:
@@ -23,11 +23,23 @@ def test_the_quick_benchmark_writes_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "out.json"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("RAY_ADDRESS", None)  # its own local Ray, never a cluster someone else uses
-    run = subprocess.run(
+    proc = subprocess.Popen(
         [sys.executable, "-m", "orchestrator.cli", "bench", "--quick", "--json", str(out)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        start_new_session=True,
     )
-    assert run.returncode == 0, f"stdout:\n{run.stdout}\nstderr:\n{run.stderr}"
+    try:
+        stdout, stderr = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        # Ctrl-C lets it stop its hives and its Ray; whatever is left of its group goes after.
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+        pytest.fail(f"hivebus bench --quick ran over 300 s\nstdout:\n{stdout}\nstderr:\n{stderr}")
+    finally:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == 0, f"stdout:\n{stdout}\nstderr:\n{stderr}"
     figures = json.loads(out.read_text())
 
     floors = figures["floors"]
