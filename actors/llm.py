@@ -21,6 +21,7 @@ import jsonschema
 import ollama
 from pydantic import Field, ValidationError
 
+from schemas.errors import validation_problems
 from schemas import (
     FailureContext,
     HivebusError,
@@ -315,12 +316,7 @@ def _check_plan(text: str) -> tuple[PlanAnswer | None, str]:
     try:
         answer = PlanAnswer.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors(include_url=False):
-            loc = ".".join(str(p) for p in err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{loc}: {msg}" if loc else msg)
-        return None, "the answer does not fit the plan schema: " + "; ".join(problems)
+        return None, "the answer does not fit the plan schema: " + "; ".join(validation_problems(exc))
     problems = dag_problems(answer.items, field="items")
     if problems:
         return None, "the plan is not a valid DAG: " + "; ".join(problems)

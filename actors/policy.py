@@ -61,6 +61,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from schemas.errors import validation_problems
 from schemas import GateSpec, HivebusError, Model, WorkItemSpec
 
 Rule = Literal[
@@ -241,12 +242,7 @@ class Policy(Model):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            problems = []
-            for err in exc.errors(include_url=False):
-                loc = ".".join(str(p) for p in err["loc"])
-                msg = err["msg"].removeprefix("Value error, ")
-                problems.append(f"{loc}: {msg}" if loc else msg)
-            raise PolicyFileError(shown, problems) from None
+            raise PolicyFileError(shown, validation_problems(exc)) from None
 
     @classmethod
     def local(cls, root: str | Path) -> Policy:

@@ -298,6 +298,15 @@ def summary_line(record: TaskRecord) -> dict[str, Any]:
     }
 
 
+def report_end(args: argparse.Namespace, console: Console, record: TaskRecord) -> int:
+    """How ``run`` and ``submit --wait`` end: the outcome, and 0 only for SUCCEEDED."""
+    if args.json:
+        print(json.dumps(summary_line(record)))
+    else:
+        print_end(console, record)
+    return EXIT_OK if record.state == TaskState.SUCCEEDED else EXIT_FAILED
+
+
 def print_end(console: Console, record: TaskRecord) -> None:
     colour = "green" if record.state == TaskState.SUCCEEDED else "red"
     console.print(
@@ -368,11 +377,7 @@ def cmd_run(args: argparse.Namespace, console: Console) -> int:
             record = await hive.run(spec)
         finally:
             await hive.close()
-        if args.json:
-            print(json.dumps(summary_line(record)))
-        else:
-            print_end(console, record)
-        return EXIT_OK if record.state == TaskState.SUCCEEDED else EXIT_FAILED
+        return report_end(args, console, record)
 
     return run_async(go())
 
@@ -422,11 +427,7 @@ def cmd_submit(args: argparse.Namespace, console: Console) -> int:
             record = await hive.wait(task_id)
         finally:
             await hive.close()
-        if args.json:
-            print(json.dumps(summary_line(record)))
-        else:
-            print_end(console, record)
-        return EXIT_OK if record.state == TaskState.SUCCEEDED else EXIT_FAILED
+        return report_end(args, console, record)
 
     return run_async(go())
 

@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+from pydantic import ValidationError
+
+
+def validation_problems(exc: ValidationError) -> list[str]:
+    """A pydantic ValidationError as sentences: ``field.path: what is wrong``."""
+    problems = []
+    for err in exc.errors(include_url=False):
+        loc = ".".join(str(p) for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        problems.append(f"{loc}: {msg}" if loc else msg)
+    return problems
+
 
 class HivebusError(Exception):
     """Root of every hivebus error. ``str(err)`` is a sentence a user can act on."""

@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from .errors import TaskFileError
+from .errors import TaskFileError, validation_problems
 from .task import TaskSpec
 
 
@@ -48,12 +48,7 @@ def load_task_file(path: str | Path, *, planner: dict[str, Any] | None = None) -
     try:
         return TaskSpec.model_validate(data)
     except ValidationError as exc:
-        problems = []
-        for err in exc.errors(include_url=False):
-            loc = ".".join(str(p) for p in err["loc"])
-            msg = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{loc}: {msg}" if loc else msg)
-        raise TaskFileError(shown, problems) from None
+        raise TaskFileError(shown, validation_problems(exc)) from None
 
 
 def _looks_like_json(path: Path, text: str) -> bool:

@@ -14,20 +14,10 @@ import psutil
 import pytest
 import ray
 
-from conftest import Cli
+from conftest import Cli, wait_for
 from schemas import TaskSpec, TaskState
 
 pytestmark = pytest.mark.integration
-
-
-def wait_for(condition, what: str, timeout: float = 60.0) -> None:  # type: ignore[no-untyped-def]
-    # Polls the file system or process table, which have no events to wait on.
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def runs(path: Path) -> int:

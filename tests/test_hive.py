@@ -11,6 +11,7 @@ import nats
 import psutil
 import pytest
 import ray
+from conftest import wait_for
 
 from schemas import TaskSpec, TaskState
 
@@ -151,7 +152,7 @@ def test_cancel_kills_the_running_child_and_records_canceled(hive, tmp_path) -> 
     task = spec(tmp_path, work_items=[{"id": "long", "run": "echo $$ > pid; exec sleep 60"}])
     task_id = hive.submit(task)
     pid_file = tmp_path / "pid"
-    _wait_until(pid_file.exists, "the item to start")
+    wait_for(pid_file.exists, "the item to start")
     child = int(pid_file.read_text())
 
     record = hive.cancel(task_id)
@@ -159,7 +160,7 @@ def test_cancel_kills_the_running_child_and_records_canceled(hive, tmp_path) -> 
 
     assert record.state == TaskState.CANCELED
     assert record.exit_reason == "canceled"
-    _wait_until(lambda: not _alive(child), "the child to die")
+    wait_for(lambda: not _alive(child), "the child to die")
 
 
 def test_a_task_past_its_timeout_ends_deadline_exceeded_and_its_child_is_killed(hive, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -169,7 +170,7 @@ def test_a_task_past_its_timeout_ends_deadline_exceeded_and_its_child_is_killed(
 
     assert record.state == TaskState.FAILED
     assert record.exit_reason == "deadline_exceeded"
-    _wait_until(lambda: not _alive(int((tmp_path / "pid").read_text())), "the child to die")
+    wait_for(lambda: not _alive(int((tmp_path / "pid").read_text())), "the child to die")
 
 
 def test_an_assisted_task_waits_in_draft_until_it_is_approved(hive, tmp_path) -> None:  # type: ignore[no-untyped-def]
@@ -228,18 +229,3 @@ def _alive(pid: int) -> bool:
         return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
     except psutil.NoSuchProcess:
         return False
-
-
-def _wait_until(condition, what: str, timeout: float = 30.0) -> None:  # type: ignore[no-untyped-def]
-    # Polls a condition on the file system or process table; there is no event to wait on.
-    import time
-
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-
