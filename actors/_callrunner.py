@@ -7,9 +7,7 @@ file named by ``$HIVEBUS_CALL_OUTPUT`` (stdout when unset). Exit codes: 0 return
 
 from __future__ import annotations
 
-import asyncio
 import importlib
-import inspect
 import json
 import os
 import sys
@@ -57,7 +55,11 @@ def _read_kwargs() -> dict[str, Any]:
 
 def _call(func: Any, kwargs: dict[str, Any]) -> Any:
     result = func(**kwargs)
-    if inspect.isawaitable(result):
+    if hasattr(result, "__await__"):
+        # Imported here: asyncio (with ssl and concurrent.futures) costs ~30 ms at start-up,
+        # which every synchronous call item would pay for nothing.
+        import asyncio
+
         async def _await() -> Any:
             return await result
 

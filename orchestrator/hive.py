@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import os
 import threading
 from collections.abc import Coroutine
@@ -142,6 +143,9 @@ class AsyncHive:
         except BaseException:
             await _close(orchestrator, pool, bus, nats, started_ray)
             raise
+        # Everything allocated so far (Ray, pydantic, nats) lives as long as the hive: keep
+        # it out of the collector's full passes, whose cost otherwise grows with big plans.
+        gc.freeze()
         return cls(bus=bus, state_dir=state, orchestrator=orchestrator, pool=pool, nats=nats,
                    owns_ray=started_ray)
 
