@@ -183,6 +183,9 @@ class Bus:
             reconnect = asyncio.ensure_future(self.reconnected())
             try:
                 done, _ = await asyncio.wait({request, reconnect}, return_when=asyncio.FIRST_COMPLETED)
+            except asyncio.CancelledError:
+                request.cancel()  # the caller gave up: so does the request
+                raise
             finally:
                 reconnect.cancel()
             if request in done:

@@ -170,9 +170,14 @@ def test_a_body_over_the_servers_max_payload_is_refused_and_the_hive_still_answe
                 refused = True
             with socket.create_connection((host, int(port)), timeout=5) as raw:
                 raw.recv(4096)  # INFO
-                raw.sendall(b"CONNECT {\"verbose\":false}\r\nPUB task.submit 2097152\r\n" + b"x" * 2097152 + b"\r\n")
-                raw.settimeout(5)
-                error = raw.recv(4096)
+                try:
+                    raw.sendall(b"CONNECT {\"verbose\":false}\r\nPUB task.submit 2097152\r\n"
+                                + b"x" * 2097152 + b"\r\n")
+                    raw.settimeout(5)
+                    error = raw.recv(4096)
+                except (ConnectionResetError, BrokenPipeError):
+                    # The server sent its -ERR and closed while we were still writing.
+                    error = b"connection closed by the server"
             answer = json.loads((await nc.request("task.list", b"{}", timeout=5)).data)
             return refused, error, answer
         finally:
@@ -181,7 +186,7 @@ def test_a_body_over_the_servers_max_payload_is_refused_and_the_hive_still_answe
     refused, error, answer = asyncio.run(oversize())
 
     assert refused
-    assert b"Maximum Payload" in error
+    assert b"Maximum Payload" in error or error == b"connection closed by the server"
     assert answer["type"] == "TaskList"
 
 
