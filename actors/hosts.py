@@ -408,6 +408,14 @@ class ResourceHost(AgentHost):
         self._hand_out(granted)
 
     async def _lease(self, request: LeaseRequest) -> Lease:
+        book = self.book
+        if request.pid and (
+            any(l.agent_id == request.agent_id and l.pid != request.pid for l in book.leases.values())
+            or any(w.request.agent_id == request.agent_id and w.request.pid != request.pid for w in book.queue)
+        ):
+            # An agent is one process at a time: what another process of it holds is left
+            # by a dead one, whatever its heartbeats have or have not shown yet.
+            await self._reclaim(request.agent_id, alive_pid=request.pid, why="its new process asks")
         earlier = self._requests.get(request.request_id)
         if earlier is not None:  # the same request again: the same lease
             return await asyncio.shield(earlier)
