@@ -25,6 +25,7 @@ from nats.js.errors import BadRequestError, NotFoundError
 from nats.js.kv import KeyValue
 
 from schemas import (
+    MESSAGE_TYPES,
     CodecError,
     DeadLetterEvent,
     Message,
@@ -361,6 +362,17 @@ class Bus:
                     return
         finally:
             await sub.unsubscribe()
+
+    async def stored_events(self, filter_subject: str) -> AsyncIterator[tuple[str, dict[str, Any]]]:
+        """(subject, body) of every stored message body matching ``filter_subject``,
+        oldest first; bytes that do not decode to a known message are skipped."""
+        async for subject, data, headers in self.history(filter_subject):
+            try:
+                body = loads(data, content_type_of(data, headers))
+            except CodecError:
+                continue
+            if isinstance(body, dict) and body.get("type") in MESSAGE_TYPES:
+                yield subject, body
 
     # -- JetStream setup ----------------------------------------------------------
 

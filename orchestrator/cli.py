@@ -47,8 +47,6 @@ from schemas import (
     load_task_file,
 )
 
-from schemas.codec import CodecError, content_type_of, loads
-
 from .bench import add_arguments as add_bench_arguments
 from .bench import cmd_bench
 from .hive import AsyncHive, default_state_dir
@@ -599,12 +597,8 @@ def cmd_replay(args: argparse.Namespace, console: Console) -> int:
 
 async def timeline(hive: AsyncHive, task_id: str):  # type: ignore[no-untyped-def]
     """(subject, body) of every stored event of a task, oldest first."""
-    async for subject, data, headers in hive.bus.history(subjects.task_events(task_id)):
-        try:
-            body = loads(data, content_type_of(data, headers))
-        except CodecError:
-            continue
-        if isinstance(body, dict) and "ts" in body:
+    async for subject, body in hive.bus.stored_events(subjects.task_events(task_id)):
+        if "ts" in body:
             yield subject, body
 
 

@@ -24,7 +24,6 @@ from nats.js.errors import NoKeysError, NotFoundError
 
 from bus import Bus, subjects
 from schemas import (
-    MESSAGE_TYPES,
     PRIORITY_RANK,
     Message,
     Checkpoint,
@@ -61,7 +60,7 @@ from schemas import (
     encode,
     utcnow,
 )
-from schemas.codec import CodecError, content_type_of, decode, loads
+from schemas.codec import CodecError, decode
 
 from actors.policy import Policy
 from actors.secrets import SecretError, SecretStore, secret_names
@@ -851,13 +850,8 @@ class Orchestrator:
 
     async def _audit_lines(self, task_id: str):  # type: ignore[no-untyped-def]
         """The task's events as stored in HIVEBUS_EVENTS, one JSON line each, oldest first."""
-        async for subject, data, headers in self.bus.history(subjects.task_events(task_id)):
-            try:
-                body = loads(data, content_type_of(data, headers))
-            except CodecError:
-                continue
-            if isinstance(body, dict) and body.get("type") in MESSAGE_TYPES:
-                yield json.dumps({"subject": subject, **body}, separators=(",", ":"))
+        async for subject, body in self.bus.stored_events(subjects.task_events(task_id)):
+            yield json.dumps({"subject": subject, **body}, separators=(",", ":"))
 
 
 __all__ = ["Orchestrator", "new_task_id"]
