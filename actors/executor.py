@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -17,6 +18,7 @@ from schemas.work import TAIL_CHARS, ItemStatus, WorkItemAssignment, WorkItemRes
 
 from ._callrunner import OUTPUT_ENV
 from .limits import Limits, describe
+from .warm import WARM_PREFIX, RunnerGone, WarmRunner, warm_key
 from .sandbox import (
     ChildOutcome,
     ChildSpec,
@@ -73,18 +75,55 @@ class ExecutorCore:
         self.default_resources = default_resources or ResourceSpec()
         self.scratch_dir = scratch_dir
         self._running: dict[str, tuple[str, asyncio.Event]] = {}
+        #: The warm call runner of the latest call item, kept for the task's next one.
+        self._warm: WarmRunner | None = None
+        self._warm_idle: asyncio.TimerHandle | None = None
 
     @property
     def running(self) -> list[str]:
         """Idempotency keys of the attempts running now."""
         return list(self._running)
 
+    #: A warm runner nobody called for this long is stopped (its memory comes back).
+    warm_idle_s = 30.0
+
     def cancel(self, task_id: str) -> int:
         """Cancel every running attempt of ``task_id``; returns how many were running."""
         events = [event for tid, event in self._running.values() if tid == task_id]
         for event in events:
             event.set()
+        if self._warm is not None and self._warm.key.task_id == task_id and not events:
+            self._stop_warm()
         return len(events)
+
+    async def close(self) -> None:
+        """Stop the warm runner, if there is one (the executor is stopping)."""
+        runner, self._warm = self._warm, None
+        if runner is not None:
+            await runner.close()
+
+    def _stop_warm(self) -> None:
+        runner, self._warm = self._warm, None
+        if runner is not None:
+            asyncio.get_running_loop().create_task(runner.close())
+
+    async def _warm_runner(self, assignment: WorkItemAssignment, limits: Limits,
+                           env: dict[str, str]) -> WarmRunner:
+        """The runner for this call: the one kept from the last call if it fits, else new."""
+        key = warm_key(assignment.task_id, assignment.workdir, limits)
+        if self._warm_idle is not None:
+            self._warm_idle.cancel()
+            self._warm_idle = None
+        runner = self._warm
+        if runner is not None and (runner.key != key or not runner.alive):
+            self._warm = None
+            await runner.close()
+            runner = None
+        if runner is None:
+            runner = WarmRunner(key, scratch_dir=self.scratch_dir)
+            await runner.start(env)
+            self._warm = runner
+        return runner
 
     async def run(self, assignment: WorkItemAssignment) -> WorkItemResult:
         """Run one attempt of ``assignment.item`` in ``assignment.workdir``."""
@@ -94,9 +133,16 @@ class ExecutorCore:
                 assignment, status="error",
                 error=f"workdir {workdir} does not exist or is not a directory",
             )
+        # The usual attempt (the only one running) keeps its files in the scratch folder
+        # itself, emptied afterwards: a temporary folder per attempt costs more than a
+        # no-op item.
+        shared = not self._running
         try:
-            os.makedirs(self.scratch_dir, exist_ok=True)
-            scratch = tempfile.mkdtemp(prefix="item-", dir=self.scratch_dir)
+            if shared:
+                os.makedirs(self.scratch_dir, exist_ok=True)
+                scratch = self.scratch_dir
+            else:
+                scratch = tempfile.mkdtemp(prefix="item-", dir=self.scratch_dir)
         except OSError as exc:
             return self._result(
                 assignment, status="error",
@@ -109,7 +155,10 @@ class ExecutorCore:
             return await self._attempt(assignment, scratch, cancel)
         finally:
             self._running.pop(key, None)
-            shutil.rmtree(scratch, ignore_errors=True)
+            if shared:
+                _empty(scratch)
+            else:
+                shutil.rmtree(scratch, ignore_errors=True)
 
     async def _attempt(
         self, assignment: WorkItemAssignment, scratch: str, cancel: asyncio.Event
@@ -145,17 +194,34 @@ class ExecutorCore:
         # Inline, not in a thread: an executor runs one item at a time, and for the usual
         # workdir the walk costs less than handing it to a thread and back.
         before = snapshot_files(assignment.workdir)
-        outcome = await run_child(
-            ChildSpec(argv=argv, cwd=assignment.workdir, env=env, stdin=stdin, limits=limits),
-            cancel=cancel,
-        )
+        output: Any = None
+        if item.call is not None and limits.cpu_seconds is None:
+            # A CPU-seconds budget is per item, which a runner that lives on cannot keep
+            # apart; such items get a cold child of their own.
+            try:
+                runner = await self._warm_runner(assignment, limits, env)
+            except RunnerGone as exc:
+                return self._result(assignment, status="error", error=str(exc))
+            outcome, output = await runner.call(target=item.call, args=item.args, env=env,
+                                                timeout_s=timeout, cancel=cancel)
+            if runner.alive:
+                self._warm_idle = asyncio.get_running_loop().call_later(
+                    self.warm_idle_s, self._stop_warm)
+            elif self._warm is runner:
+                self._warm = None
+        else:
+            outcome = await run_child(
+                ChildSpec(argv=argv, cwd=assignment.workdir, env=env, stdin=stdin, limits=limits),
+                cancel=cancel,
+            )
+            if item.call is not None and outcome.exit_code == 0:
+                output = _read_json(output_path)
         after = snapshot_files(assignment.workdir)
         files = changed_files(before, after)
 
         status, error = _status(outcome, timeout, item.call)
-        output: Any = None
-        if item.call is not None and status == "succeeded":
-            output = _read_json(output_path)
+        if status != "succeeded":
+            output = None
         tests = _test_summaries(outcome.stdout_tail, outcome.stderr_tail)
         evidence = []
         if outcome.exit_code is not None:
@@ -234,6 +300,19 @@ def _signal_name(number: int) -> str:
 def _last_line(text: str) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     return lines[-1] if lines else ""
+
+
+def _empty(folder: str) -> None:
+    """Remove what an attempt left in the scratch folder (warm runners keep theirs)."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.startswith(WARM_PREFIX) and entry.is_dir(follow_symlinks=False):
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
 
 
 def _read_head(path: str) -> str:

@@ -43,7 +43,9 @@ from schemas import (
     UsageEvent,
     VerifyRequest,
     WorkItemAssignment,
+    WorkItemBatch,
     WorkItemResult,
+    WorkItemResults,
 )
 
 from .executor import ExecutorCore
@@ -239,10 +241,14 @@ class ExecutorHost(SecretsMixin, AgentHost):
                                  default_resources=ResourceSpec(cpu=pool.cpu, memory_mb=pool.memory_mb))
         self.prompts = PromptRunner(timeout_s=self.settings.hive.default_timeout_s)
         self._busy = False
+        self._releasing: set[asyncio.Task[Ack]] = set()
+        self._canceled: OrderedDict[str, None] = OrderedDict()
         self._running: dict[str, asyncio.Future[WorkItemResult]] = {}
         self._recent: OrderedDict[str, WorkItemResult] = OrderedDict()
         await bus.serve(subjects.EXECUTOR_RUN, WorkItemAssignment, self._run, queue=subjects.EXECUTORS)
         await bus.serve(subjects.executor_run(self.settings.hive_id, self.agent_id), WorkItemAssignment, self._run)
+        await bus.serve(subjects.executor_batch(self.settings.hive_id, self.agent_id), WorkItemBatch,
+                        self._run_batch)
         await bus.subscribe(subjects.EXECUTOR_CANCEL, TaskRef, self._cancel)
 
     async def _run(self, assignment: WorkItemAssignment) -> WorkItemResult:
@@ -254,6 +260,46 @@ class ExecutorHost(SecretsMixin, AgentHost):
         if self._busy:
             raise RequestRejected(subjects.EXECUTOR_RUN, "busy", f"{self.agent_id} is running another item")
         self._busy = True
+        try:
+            lease = await self._lease(assignment)
+            try:
+                return await self._once(assignment)
+            finally:
+                self._release_soon(lease)
+        finally:
+            self._busy = False
+
+    async def _run_batch(self, batch: WorkItemBatch) -> WorkItemResults:
+        """Run a batch's attempts one after the other under one lease (the largest ask)."""
+        if self._busy:
+            raise RequestRejected(subjects.EXECUTOR_RUN, "busy", f"{self.agent_id} is running another item")
+        self._busy = True
+        results = []
+        try:
+            todo = [a for a in batch.assignments if a.idempotency_key not in self._recent]
+            lease = await self._lease(*todo) if todo else None
+            try:
+                for assignment in batch.assignments:
+                    key = assignment.idempotency_key
+                    if key in self._recent:
+                        results.append(self._recent[key])
+                    elif assignment.task_id in self._canceled:
+                        results.append(WorkItemResult(
+                            task_id=assignment.task_id, iteration=assignment.iteration,
+                            item_id=assignment.item.id, attempt=assignment.attempt, status="canceled",
+                            error="the task was canceled before this item ran", agent_id=self.agent_id))
+                    else:
+                        results.append(await self._once(assignment))
+            finally:
+                if lease is not None:
+                    self._release_soon(lease)
+        finally:
+            self._busy = False
+        return WorkItemResults(results=results)
+
+    async def _once(self, assignment: WorkItemAssignment) -> WorkItemResult:
+        """One attempt, remembered under its idempotency key (at-least-once delivery)."""
+        key = assignment.idempotency_key
         running = self._running[key] = asyncio.get_running_loop().create_future()
         try:
             result = await self._execute(assignment)
@@ -269,54 +315,71 @@ class ExecutorHost(SecretsMixin, AgentHost):
             return result
         finally:
             del self._running[key]
-            self._busy = False
 
     async def _execute(self, assignment: WorkItemAssignment) -> WorkItemResult:
         assert self.bus is not None
         assignment = assignment.model_copy(update={"env": {**assignment.env, AGENT_ENV: agent_mark(self.settings)}})
-        lease = await self._lease(assignment)
-        try:
-            self.bus.publish_soon(subjects.progress(assignment.task_id), ProgressEvent(
-                task_id=assignment.task_id, iteration=assignment.iteration,
-                kind="item_started", item_id=assignment.item.id,
-                attempt=assignment.attempt, agent_id=self.agent_id,
-            ))
-            if assignment.item.kind == "prompt":
-                result = await self.prompts.run(assignment, planner=assignment.llm or PlannerSpec(),
-                                                agent_id=self.agent_id)
-            else:
-                try:
-                    env, secrets = self._resolve(assignment.env)
-                except SecretError as exc:
-                    return WorkItemResult(task_id=assignment.task_id, iteration=assignment.iteration,
-                                          item_id=assignment.item.id, attempt=assignment.attempt,
-                                          status="error", error=str(exc), agent_id=self.agent_id)
-                result = await self.core.run(assignment.model_copy(update={"env": env}))
-                result = _redact_result(result, secrets)
-            if result.limit is not None and result.status == "resource_limit":
-                hit = result.limit
-                self.bus.publish_soon(subjects.limit_exceeded(self.agent_id), LimitExceededEvent(
-                    agent_id=self.agent_id, task_id=result.task_id, item_id=result.item_id,
-                    limit=hit.limit, limit_value=hit.limit_value, peak_value=hit.peak_value,
-                    mechanism=hit.mechanism))
-            self.bus.publish_soon(subjects.result(result.task_id, result.item_id), result,
-                                  msg_id=assignment.idempotency_key)
-            return result
-        finally:
-            await self.bus.call(subjects.RESOURCES_RELEASE, LeaseRelease(lease_id=lease.lease_id), Ack)
+        self.bus.publish_soon(subjects.progress(assignment.task_id), ProgressEvent(
+            task_id=assignment.task_id, iteration=assignment.iteration,
+            kind="item_started", item_id=assignment.item.id,
+            attempt=assignment.attempt, agent_id=self.agent_id,
+        ))
+        if assignment.item.kind == "prompt":
+            result = await self.prompts.run(assignment, planner=assignment.llm or PlannerSpec(),
+                                            agent_id=self.agent_id)
+        else:
+            try:
+                env, secrets = self._resolve(assignment.env)
+            except SecretError as exc:
+                return WorkItemResult(task_id=assignment.task_id, iteration=assignment.iteration,
+                                      item_id=assignment.item.id, attempt=assignment.attempt,
+                                      status="error", error=str(exc), agent_id=self.agent_id)
+            result = await self.core.run(assignment.model_copy(update={"env": env}))
+            result = _redact_result(result, secrets)
+        if result.limit is not None and result.status == "resource_limit":
+            hit = result.limit
+            self.bus.publish_soon(subjects.limit_exceeded(self.agent_id), LimitExceededEvent(
+                agent_id=self.agent_id, task_id=result.task_id, item_id=result.item_id,
+                limit=hit.limit, limit_value=hit.limit_value, peak_value=hit.peak_value,
+                mechanism=hit.mechanism))
+        self.bus.publish_soon(subjects.result(result.task_id, result.item_id), result,
+                              msg_id=assignment.idempotency_key)
+        return result
 
-    async def _lease(self, assignment: WorkItemAssignment) -> Lease:
+    def _release_soon(self, lease: Lease) -> None:
+        """Return a lease without holding up the reply: the children are gone, and the
+        release reaches the resource manager before this executor's next lease request."""
+        assert self.bus is not None
+        releasing = asyncio.get_running_loop().create_task(self.bus.call(
+            subjects.RESOURCES_RELEASE, LeaseRelease(lease_id=lease.lease_id), Ack))
+        self._releasing.add(releasing)
+        releasing.add_done_callback(self._released)
+
+    def _released(self, task: asyncio.Task[Ack]) -> None:
+        self._releasing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # The resource manager reclaims a lease whose agent process is gone; a live
+            # one that could not return a lease says so.
+            self.log.error("lease not returned", error=str(task.exception()))
+
+    async def _lease(self, *assignments: WorkItemAssignment) -> Lease:
+        """One lease big enough for each of ``assignments`` (run one after the other)."""
         assert self.bus is not None
         pool = self.settings.pool
-        wait_s = (assignment.item.timeout_s or self.settings.hive.default_timeout_s) + 60
+        first = assignments[0]
+        wait_s = max(a.item.timeout_s or self.settings.hive.default_timeout_s for a in assignments) + 60
         request = LeaseRequest(
-            agent_id=self.agent_id, pid=os.getpid(), task_id=assignment.task_id, item_id=assignment.item.id,
-            cpu=assignment.resources.cpu or pool.cpu,
-            memory_mb=assignment.resources.memory_mb or pool.memory_mb, wait_s=wait_s,
+            agent_id=self.agent_id, pid=os.getpid(), task_id=first.task_id, item_id=first.item.id,
+            cpu=max(a.resources.cpu or pool.cpu for a in assignments),
+            memory_mb=max(a.resources.memory_mb or pool.memory_mb for a in assignments), wait_s=wait_s,
         )
         return await self.bus.call(subjects.RESOURCES_LEASE, request, Lease, timeout=wait_s + 5)
 
     async def _cancel(self, ref: TaskRef) -> None:
+        # The rest of a batch of that task is not started either.
+        self._canceled[ref.task_id] = None
+        while len(self._canceled) > self.remembered_results:
+            self._canceled.popitem(last=False)
         killed = self.core.cancel(ref.task_id)
         if killed:
             self.log.info("canceled running items", task_id=ref.task_id, count=killed)
@@ -325,6 +388,9 @@ class ExecutorHost(SecretsMixin, AgentHost):
         """Kill the children of every running item, then stop serving."""
         for key in list(self.core.running):
             self.core.cancel(key.split(":", 1)[0])
+        await self.core.close()
+        if self._releasing:
+            await asyncio.wait(self._releasing, timeout=5.0)
         await super().stop()
 
 

@@ -12,14 +12,20 @@ TASK_APPROVE = "task.approve"
 # Requests served by agents, each pool in its queue group.
 PLANNER_PLAN = "agent.planner.plan"
 EXECUTOR_RUN = "agent.executor.run"
-EXECUTOR_CANCEL = "agent.executor.cancel"
+EXECUTOR_CANCEL = "agent.executor.cancel"  # broadcast: every executor kills that task's children
 
 
 def executor_run(hive_id: str, agent_id: str) -> str:
     """One executor's own subject: its hive's orchestrator sends there when it knows it is
     idle. The hive id keeps two hives' ``executor-1`` apart on one NATS (a restart)."""
     return f"{EXECUTOR_RUN}.{hive_id}.{agent_id}"
-  # broadcast: every executor kills that task's children
+
+
+def executor_batch(hive_id: str, agent_id: str) -> str:
+    """One executor's own subject for a WorkItemBatch (several short items, one request)."""
+    return f"agent.executor.batch.{hive_id}.{agent_id}"
+
+
 VERIFIER_VERIFY = "agent.verifier.verify"
 RESOURCES_LEASE = "agent.resources.lease"
 RESOURCES_RELEASE = "agent.resources.release"

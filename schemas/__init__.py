@@ -58,7 +58,9 @@ from .work import (
     PlanRequest,
     VerifyRequest,
     WorkItemAssignment,
+    WorkItemBatch,
     WorkItemResult,
+    WorkItemResults,
 )
 
 #: Every message body, by its ``type``; ``hivebus schema`` prints their JSON Schemas.
@@ -66,7 +68,8 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
     cls.model_fields["type"].default: cls
     for cls in (
         TaskSpec, TaskAccepted, TaskRef, TaskQuery, TaskList, TaskRecord, Rejected,
-        PlanRequest, Plan, WorkItemAssignment, WorkItemResult, VerifyRequest,
+        PlanRequest, Plan, WorkItemAssignment, WorkItemResult, WorkItemBatch, WorkItemResults,
+        VerifyRequest,
         GateResult, GateResults, LeaseRequest, Lease, LeaseRelease, Ack,
         SnapshotRequest, ResourceSnapshot, LifecycleEvent, ProgressEvent,
         CompletionEvent, LeaseEvent, UsageEvent, LimitExceededEvent, ReportEvent,
@@ -82,7 +85,7 @@ __all__ = [
     "Rejected", "ErrorDetail",
     # messages: agents
     "PlanRequest", "Plan", "FailureContext", "FailedGate", "FailedItem",
-    "WorkItemAssignment", "WorkItemResult", "ItemStatus", "TAIL_CHARS", "LimitHit", "PlanAttempt",
+    "WorkItemAssignment", "WorkItemResult", "WorkItemBatch", "WorkItemResults", "ItemStatus", "TAIL_CHARS", "LimitHit", "PlanAttempt",
     "VerifyRequest", "GateResult", "GateResults",
     "LeaseRequest", "Lease", "LeaseRelease", "Ack", "SnapshotRequest", "ResourceSnapshot",
     "AgentUsage",

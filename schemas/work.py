@@ -123,6 +123,20 @@ class WorkItemAssignment(Message):
         return f"{self.task_id}:{self.iteration}:{self.item.id}:{self.attempt}"
 
 
+#: The most attempts one batch carries (a batch is one request and one reply).
+MAX_BATCH = 256
+
+
+class WorkItemBatch(Message):
+    """Several attempts for one executor, run one after the other under one lease
+    (``agent.executor.batch.<hive>.<agent>``). The orchestrator batches only items that
+    are known to finish in milliseconds, where a request per item would cost more than
+    the item."""
+
+    type: Literal["WorkItemBatch"] = "WorkItemBatch"
+    assignments: Annotated[list[WorkItemAssignment], Field(min_length=1, max_length=MAX_BATCH)]
+
+
 class WorkItemResult(Message):
     """What an executor observed running one attempt of a work item."""
 
@@ -183,6 +197,13 @@ class GateResult(Message):
     finished_at: datetime = Field(default_factory=utcnow)
     duration_s: float = 0.0
     agent_id: str = ""
+
+
+class WorkItemResults(Message):
+    """The reply to a WorkItemBatch: one result per attempt, in the batch's order."""
+
+    type: Literal["WorkItemResults"] = "WorkItemResults"
+    results: list[WorkItemResult]
 
 
 class GateResults(Message):

@@ -68,7 +68,14 @@ def assignment(
 
 
 def run(core: ExecutorCore, work: WorkItemAssignment):
-    return asyncio.run(core.run(work))
+    """One attempt in its own event loop; the warm call runner ends with the loop."""
+    async def attempt():
+        try:
+            return await core.run(work)
+        finally:
+            await core.close()
+
+    return asyncio.run(attempt())
 
 
 def test_a_shell_item_that_succeeds_reports_output_files_and_tests(core, workdir, scratch):

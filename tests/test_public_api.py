@@ -24,7 +24,7 @@ EXPECTED = {
         "SnapshotRequest", "Stage", "TAIL_CHARS", "TERMINAL_STATES", "TaskAccepted",
         "TaskFileError", "TaskList", "TaskQuery", "TaskRecord", "TaskRef", "TaskSpec",
         "TaskState", "TransportError", "UsageEvent", "VerifyRequest", "WorkItemAssignment",
-        "WorkItemResult", "WorkItemSpec", "dag_problems", "decode", "encode",
+        "WorkItemBatch", "WorkItemResult", "WorkItemResults", "WorkItemSpec", "dag_problems", "decode", "encode",
         "encode_json_line", "find_cycle", "load_task_file", "utcnow",
     ],
     "bus": [
