@@ -227,7 +227,7 @@ async def _run(
     # Once now, after exec: a child that is done before the sampler's first turn still
     # has its peak RSS.
     watch.sample()
-    sampler = asyncio.create_task(_watch_every(watch, sample_interval_s))
+    sampler = asyncio.create_task(_watch_every(watch, sample_interval_s, first_after=True))
     if spec.stdin is not None:
         stdin = transport.get_pipe_transport(0)
         # A child that exits without reading it all only makes the transport drop the rest.
@@ -523,8 +523,12 @@ class _Watch:
                 proc.send_signal(sig)
 
 
-async def _watch_every(watch: _Watch, interval_s: float) -> LimitHit:
-    """Sample until a limit is crossed; return it once the tree has been killed for it."""
+async def _watch_every(watch: _Watch, interval_s: float, *, first_after: bool = False) -> LimitHit:
+    """Sample until a limit is crossed; return it once the tree has been killed for it.
+
+    ``first_after``: the caller has just sampled, so the first sample is one interval on."""
+    if first_after:
+        await asyncio.sleep(interval_s)
     while True:
         watch.sample()
         hit = watch.check()
@@ -575,6 +579,8 @@ def _kill(pgid: int | None, procs: Iterable[psutil.Process]) -> None:
 async def _kill_and_wait(watch: _Watch, pgid: int, token: str) -> None:
     # A few rounds, because a process that forked while we killed may have a child
     # we had not seen yet; its marker (or its cgroup) finds it in the next round.
+    if watch.cage is not None and not watch.cage.pids():
+        return  # the usual end: the root exited and left nothing in its group
     for _ in range(3):
         # A cgroup holds the whole tree, forks and setsid included; without one, the
         # environment marker is how escaped processes are found (a scan of every process).

@@ -132,7 +132,8 @@ class WarmRunner:
         stdin = self._transport.get_pipe_transport(0)
         assert stdin is not None
         stdin.write(len(body).to_bytes(4, "big") + body)  # type: ignore[attr-defined]
-        sampler = asyncio.ensure_future(_watch_after(watch, self.sample_interval_s))
+        # A no-op call is over before the watchdog's first sample.
+        sampler = asyncio.ensure_future(_watch_every(watch, self.sample_interval_s, first_after=True))
         canceled = asyncio.ensure_future(cancel.wait()) if cancel is not None else None
         waits = [f for f in (reply, protocol.exited, sampler, canceled) if f is not None]
         try:
@@ -222,12 +223,6 @@ class WarmRunner:
                 log.warning("cgroup directories could not be removed", directories=left)
             shutil.rmtree(self.capture_dir, ignore_errors=True)
         return exit_code
-
-
-async def _watch_after(watch: _Watch, interval_s: float) -> LimitHit:
-    """The watchdog of one call: a no-op call is over before its first sample."""
-    await asyncio.sleep(interval_s)
-    return await _watch_every(watch, interval_s)
 
 
 class _RunnerProtocol(asyncio.SubprocessProtocol):
