@@ -10,8 +10,8 @@ and state dir in a temporary folder), and measures:
 - the per-item latency of a serial chain of no-op ``call`` items and of no-op
   ``run: "true"`` items (the spacing of their ``item_finished`` events), each as a ratio
   to its floor;
-- the throughput of a fan-out of no-op items with the default executor pool and with
-  1, 2 and 4 executors;
+- the throughput of a fan-out of no-op ``call`` items with the default executor pool and
+  with 1, 2 and 4 executors, and of no-op shell items with the default pool;
 - the planning and scheduling cost per item of layered DAGs of 100, 1,000 and 10,000
   items, on the pure parts (no servers): validation, planner, plan checks, scheduler;
 - the idle RSS of the hive's own process, of each agent and of the nats-server.
@@ -235,25 +235,32 @@ async def run_bench(sizes: Sizes, root: Path, *, say: Callable[[str], None]) -> 
             figures["ratio_to_floor"] = round(figures["p50"] / floor, 2)
             report[f"serial_{kind}_item_ms"] = figures
 
-        say(f"fan-out of {sizes.fanout} no-op items, default pool "
-            f"({HiveConfig().executor.replicas} executors)")
-        default_fanout = await fanout(client, events, workdir, sizes.fanout)
+        default_fanout: dict[str, Any] = {}
+        for kind in ("call", "shell"):
+            say(f"fan-out of {sizes.fanout} no-op {kind} items, default pool "
+                f"({HiveConfig().executor.replicas} executors)")
+            default_fanout[kind] = await fanout(client, events, workdir, kind, sizes.fanout)
 
     curve: dict[str, Any] = {}
     for count in sizes.executors:
         config = HiveConfig(executor=SCALING_EXECUTOR.model_copy(update={"replicas": count}),
                             planner=SCALING_SERVICE, verifier=SCALING_SERVICE)
-        say(f"fan-out of {sizes.fanout} no-op items, {count} executor(s)")
+        say(f"fan-out of {sizes.fanout} no-op call items, {count} executor(s)")
         async with _hive(root, f"executors-{count}", config, workdir,
                          timeout_s=sizes.task_timeout_s) as (_, client, events):
-            curve[str(count)] = await fanout(client, events, workdir, sizes.fanout)
+            curve[str(count)] = await fanout(client, events, workdir, "call", sizes.fanout)
+    # The headline is the fan-out of no-op call items, what a task queue's "no-op job"
+    # is; no-op shell items add a process spawn each, shown beside it.
     report["fanout_throughput_items_per_s"] = {
         "items": sizes.fanout,
-        "default": default_fanout["items_per_s"],
+        "kind": "call",
+        "default": default_fanout["call"]["items_per_s"],
+        "default_shell": default_fanout["shell"]["items_per_s"],
         "default_executors": HiveConfig().executor.replicas,
         "executors": {n: figures["items_per_s"] for n, figures in curve.items()},
     }
-    report["fanout_detail"] = {"default": default_fanout, **curve}
+    report["fanout_detail"] = {"default": default_fanout["call"],
+                               "default_shell": default_fanout["shell"], **curve}
 
     say("planning + scheduling cost of DAGs of " + ", ".join(f"{n:,}" for n in DAG_SIZES) + " items")
     report["scheduling_us_per_item"], report["scheduling_breakdown_us_per_item"] = \
@@ -513,15 +520,17 @@ async def serial_chain(client: AsyncHive, events: Recorder, workdir: Path, kind:
     return figures
 
 
-async def fanout(client: AsyncHive, events: Recorder, workdir: Path, count: int) -> dict[str, Any]:
-    """Throughput of ``count`` independent no-op shell items: items per second from
-    the submission to the last ``item_finished`` event."""
+async def fanout(client: AsyncHive, events: Recorder, workdir: Path, kind: str,
+                 count: int) -> dict[str, Any]:
+    """Throughput of ``count`` independent no-op ``call`` or shell items: items per
+    second from the submission to the last ``item_finished`` event."""
+    body = {"call": "noop:run"} if kind == "call" else {"run": "true"}
     await _warm_up(client, events, TaskSpec.model_validate({
         "title": "bench: warm fan-out", "workdir": str(workdir),
-        "work_items": [{"id": f"w{i}", "run": "true"} for i in range(4)]}))
+        "work_items": [{"id": f"w{i}", **body} for i in range(4)]}))
     spec = TaskSpec.model_validate({
-        "title": "bench: fan-out", "workdir": str(workdir),
-        "work_items": [{"id": f"i{i}", "run": "true"} for i in range(count)]})
+        "title": f"bench: fan-out of {kind} items", "workdir": str(workdir),
+        "work_items": [{"id": f"i{i}", **body} for i in range(count)]})
     task_id, sent, completed = await _run_to_end(client, events, spec)
     progress = events.progress_of(task_id)
     # Executors announce item_started; were none seen, the first dispatch stands in for it.
@@ -715,10 +724,13 @@ def figures_table(report: dict[str, Any]) -> Table:
         for part, ms in figures["breakdown_p50_ms"].items():
             table.add_row(BREAKDOWN_LABELS[part], f"{ms:.2f} ms", "", "")
     throughput = report["fanout_throughput_items_per_s"]
-    table.add_row(f"fan-out of {throughput['items']:,}", f"{throughput['default']:,.0f}/s", "",
+    table.add_row(f"fan-out of {throughput['items']:,} call items", f"{throughput['default']:,.0f}/s", "",
                   f"default ({throughput['default_executors']} executors)")
     for count, value in throughput["executors"].items():
-        table.add_row(f"fan-out of {throughput['items']:,}", f"{value:,.0f}/s", "", f"{count} executor(s)")
+        table.add_row(f"fan-out of {throughput['items']:,} call items", f"{value:,.0f}/s", "",
+                      f"{count} executor(s)")
+    table.add_row(f"fan-out of {throughput['items']:,} shell items", f"{throughput['default_shell']:,.0f}/s",
+                  "", f"default ({throughput['default_executors']} executors)")
     scheduling = report["scheduling_us_per_item"]
     for size in DAG_SIZES:
         table.add_row(f"plan + schedule, {size:,}", f"{scheduling[str(size)]:.1f} us", "", "per item")

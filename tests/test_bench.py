@@ -58,7 +58,8 @@ def test_the_quick_benchmark_writes_every_figure(tmp_path: Path) -> None:
     assert positive(figures["serial_shell_item_ms"]["ratio_to_floor"])
 
     throughput = figures["fanout_throughput_items_per_s"]
-    assert positive(throughput["default"])
+    assert positive(throughput["default"]) and positive(throughput["default_shell"])
+    assert throughput["kind"] == "call"
     assert set(throughput["executors"]) == {"1", "2", "4"}
     assert all(positive(v) for v in throughput["executors"].values()), throughput
 
