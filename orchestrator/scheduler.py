@@ -109,19 +109,39 @@ class Scheduler:
     def take(self, limit: int) -> list[Ready]:
         """Up to ``limit`` ready items, best first, each marked running."""
         taken: list[Ready] = []
-        while len(taken) < limit and self._heap:
-            _, seq, pos, key = heapq.heappop(self._heap)
-            batch = self._batches.get(key)
-            if batch is None or batch.seq != seq:
-                self._stale -= 1
-                continue
-            batch.state[pos] = "running"
-            batch.ready -= 1
-            batch.running += 1
-            self._ready -= 1
-            self._running += 1
-            taken.append(Ready(key, batch.items[pos], batch.priority))
+        while len(taken) < limit and (key := self.best_key()) is not None:
+            taken.append(self._take_best(key))
         return taken
+
+    def take_same(self, limit: int) -> list[Ready]:
+        """Up to ``limit`` ready items of the batch that has the best one, best first,
+        each marked running: what one request to one executor may carry."""
+        first = self.best_key()
+        taken: list[Ready] = []
+        while len(taken) < limit and first is not None and self.best_key() == first:
+            taken.append(self._take_best(first))
+        return taken
+
+    def best_key(self) -> Hashable | None:
+        """The batch of the item ``take`` would hand out next (None: nothing is ready)."""
+        while self._heap:
+            _, seq, _, key = self._heap[0]
+            batch = self._batches.get(key)
+            if batch is not None and batch.seq == seq:
+                return key
+            heapq.heappop(self._heap)
+            self._stale -= 1
+        return None
+
+    def _take_best(self, key: Hashable) -> Ready:
+        _, _, pos, _ = heapq.heappop(self._heap)
+        batch = self._batches[key]
+        batch.state[pos] = "running"
+        batch.ready -= 1
+        batch.running += 1
+        self._ready -= 1
+        self._running += 1
+        return Ready(key, batch.items[pos], batch.priority)
 
     def finish(self, key: Hashable, item_id: str, *, ok: bool) -> list[str]:
         """Record that a running item ended; return the ids this skipped, in plan order.

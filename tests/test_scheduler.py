@@ -83,6 +83,27 @@ def test_take_respects_its_limit_and_plan_order():
     assert ids(sched.take(10)) == ["i2", "i3", "i4"]
 
 
+def test_take_same_hands_out_items_of_the_best_batch_only():
+    sched = Scheduler()
+    sched.add("low", [spec(f"l{n}") for n in range(3)], priority=PRIORITY_RANK["low"])
+    sched.add("high", [spec(f"h{n}") for n in range(3)], priority=PRIORITY_RANK["high"])
+    assert sched.best_key() == "high"
+    assert ids(sched.take_same(10)) == ["h0", "h1", "h2"]
+    assert sched.best_key() == "low"
+    assert ids(sched.take_same(2)) == ["l0", "l1"]
+    assert sched.ready_count == 1 and sched.running_count == 5
+
+
+def test_take_same_skips_the_items_of_a_dropped_batch():
+    sched = Scheduler()
+    sched.add("gone", [spec("g0"), spec("g1")], priority=PRIORITY_RANK["high"])
+    sched.add("kept", [spec("k0")])
+    sched.drop("gone")
+    assert sched.best_key() == "kept"
+    assert ids(sched.take_same(5)) == ["k0"]
+    assert sched.best_key() is None and sched.take_same(5) == []
+
+
 def test_a_repeated_dependency_is_counted_once():
     sched = Scheduler()
     sched.add("k", [spec("a"), spec("b", "a", "a")])
