@@ -20,9 +20,11 @@ from typing import TypeVar
 
 import structlog
 
+from nats.aio.msg import Msg
 from nats.js.errors import NoKeysError, NotFoundError
 
 from bus import Bus, subjects
+from bus.connection import RETRY_PATIENCE_S, decode_message
 from schemas import (
     PRIORITY_RANK,
     Message,
@@ -82,6 +84,10 @@ NO_EXECUTOR_PATIENCE_S = 120.0
 #: An executor whose usage samples (one a second) stop for this long, or that comes
 #: back with another pid, has lost the item it was running: it is dispatched again.
 HEARTBEAT_TIMEOUT_S = 3.5
+#: How often the watchdog looks at the heartbeats of the executors running attempts.
+WATCHDOG_INTERVAL_S = 0.5
+#: How long a changed artifact may wait before it is written (see TaskArtifacts).
+ARTIFACTS_WRITE_BEHIND_S = 0.05
 
 
 class TaskEnded(Exception):
@@ -105,6 +111,22 @@ class _Batch:
     record: TaskRecord
     done: asyncio.Future[None]
     results: dict[str, WorkItemResult] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _Running:
+    """One attempt waiting for its executor's reply, as the watchdog sees it."""
+
+    request: asyncio.Task[WorkItemResult]
+    #: The bus's connection epoch when the request was sent.
+    epoch: int
+    #: The executor running the attempt once known: at once when it was sent to a named
+    #: executor, at its item_started event when it went to the queue group.
+    agent: str | None = None
+    #: That executor's pid when it took the attempt (0: not known).
+    pid: int = 0
+    #: Why the watchdog cancelled the request: "executor" (lost) or "reconnect".
+    lost: str = ""
 
 
 @dataclass
@@ -145,8 +167,9 @@ class Orchestrator:
         self._subs: list[object] = []
         #: agent_id -> (pid, monotonic time) of its latest usage sample
         self._heartbeats: dict[str, tuple[int, float]] = {}
-        #: idempotency key -> (agent_id, pid) of the executor that started it
-        self._started: dict[str, tuple[str, int]] = {}
+        #: idempotency key -> the attempt waiting for its reply, watched by the watchdog
+        self._running: dict[str, _Running] = {}
+        self._watchers: list[asyncio.Task[None]] = []
         #: Executors this hive started, in the order work is offered to them; an idle one
         #: gets an attempt on its own subject, so attempts do not collide in the queue group.
         self._executors: list[str] = []
@@ -167,9 +190,13 @@ class Orchestrator:
             await self.bus.serve(subjects.TASK_CANCEL, TaskRef, self._on_cancel, queue=q),
             await self.bus.serve(subjects.TASK_APPROVE, TaskRef, self._on_approve, queue=q),
             await self.bus.subscribe(subjects.usage("*"), UsageEvent, self._on_usage),
-            await self.bus.subscribe(subjects.progress("*"), ProgressEvent, self._on_progress),
+            # Raw: most progress events are this orchestrator's own and are not decoded.
+            await self.bus.nc.subscribe(subjects.progress("*"), cb=self._on_progress),
         ]
-        self._pump = asyncio.get_running_loop().create_task(self._dispatch_loop())
+        loop = asyncio.get_running_loop()
+        self._pump = loop.create_task(self._dispatch_loop())
+        self._watchers = [loop.create_task(self._watchdog()),
+                          loop.create_task(self._resend_after_reconnects())]
 
     def use_executors(self, hive_id: str, agent_ids: list[str]) -> None:
         """The executors this hive started: idle ones get attempts on their own subject."""
@@ -189,7 +216,7 @@ class Orchestrator:
         for task_id in keys:
             entry = await self._kv.get(task_id)
             record = decode(entry.value or b"", TaskRecord)
-            task = _Task(record=record, artifacts=TaskArtifacts(self.artifacts_root, task_id, load=True))
+            task = _Task(record=record, artifacts=self._artifacts(task_id, load=True))
             self.tasks[task_id] = task
             state = record.state
             if state.terminal:
@@ -207,24 +234,44 @@ class Orchestrator:
     async def _on_usage(self, event: UsageEvent) -> None:
         self._heartbeats[event.agent_id] = (event.pid, time.monotonic())
 
-    async def _on_progress(self, event: ProgressEvent) -> None:
-        if event.kind == "item_started" and event.item_id is not None:
-            key = f"{event.task_id}:{event.iteration}:{event.item_id}:{event.attempt}"
-            pid = self._heartbeats.get(event.agent_id, (0, 0.0))[0]
-            self._started[key] = (event.agent_id, pid)
-            sent = self._sent_at.pop(key, None)
-            if sent is not None:
-                self._latency[key] = time.monotonic() - sent
+    def _artifacts(self, task_id: str, *, load: bool = False) -> TaskArtifacts:
+        return TaskArtifacts(self.artifacts_root, task_id, load=load,
+                             write_behind_s=ARTIFACTS_WRITE_BEHIND_S)
+
+    async def _on_progress(self, msg: Msg) -> None:
+        """An executor's item_started: who runs an attempt sent to the queue group, and
+        the dispatch latency. The other kinds (most of them this orchestrator's own) are
+        told apart by their bytes and never decoded."""
+        if b"item_started" not in msg.data:
+            return
+        try:
+            event = decode_message(msg, ProgressEvent)
+        except CodecError as exc:
+            log.warning("undecodable event", subject=msg.subject, error=exc.message)
+            return
+        if event.kind != "item_started" or event.item_id is None:
+            return
+        key = f"{event.task_id}:{event.iteration}:{event.item_id}:{event.attempt}"
+        sent = self._sent_at.pop(key, None)
+        if sent is not None:
+            self._latency[key] = time.monotonic() - sent
+        running = self._running.get(key)
+        if running is not None and running.agent is None:
+            running.agent = event.agent_id
+            running.pid = self._heartbeats.get(event.agent_id, (0, 0.0))[0]
 
     async def stop(self) -> None:
-        """Stop serving and abandon running loops (their records stay as they are)."""
+        """Stop serving and abandon running loops (their records stay as they are);
+        the artifacts written behind are on disk when it returns."""
         for sub in self._subs:
             await sub.unsubscribe()  # type: ignore[attr-defined]
         self._subs.clear()
         loops = [t.loop for t in self.tasks.values() if t.loop and not t.loop.done()]
-        for task in loops + ([self._pump] if self._pump else []):
+        for task in loops + ([self._pump] if self._pump else []) + self._watchers:
             task.cancel()
-        await asyncio.gather(*loops, return_exceptions=True)
+        await asyncio.gather(*loops, *self._watchers, return_exceptions=True)
+        self._watchers = []
+        await asyncio.gather(*(t.artifacts.close() for t in self.tasks.values()))
 
     # -- task.* requests ----------------------------------------------------------
 
@@ -263,7 +310,7 @@ class Orchestrator:
             now + timedelta(seconds=spec.timeout_s) if spec.timeout_s else None,
             spec.deadline,
         ) if d is not None]
-        artifacts = TaskArtifacts(self.artifacts_root, task_id)
+        artifacts = self._artifacts(task_id)
         record = TaskRecord(
             task_id=task_id, spec=spec, workdir=str(workdir), created_at=now, updated_at=now,
             deadline_at=min(deadlines) if deadlines else None,
@@ -461,6 +508,9 @@ class Orchestrator:
                                       exit_code=g.exit_code) for g in gate_results or []],
                 "fingerprint": current_fp, "finished_at": utcnow(),
             })
+            # A resumed task starts again at its checkpoint's iteration: the files of the
+            # iterations before it must be on disk before the checkpoint moves past them.
+            await task.artifacts.settle()
             await self._save(task, task.record.model_copy(update={
                 "iterations": [*task.record.iterations, iteration_record]}), announce=False)
             if verdict.action == "succeed":
@@ -667,13 +717,10 @@ class Orchestrator:
             cpu=item.resources.cpu or pool.cpu, memory_mb=item.resources.memory_mb or pool.memory_mb,
             cpu_seconds=item.resources.cpu_seconds, max_procs=item.resources.max_procs,
         )
+        env = {**record.spec.env, **item.env}
         result: WorkItemResult | None = None
         for attempt in range(1, item.retries + 2):
-            assignment = WorkItemAssignment(
-                task_id=batch.task_id, iteration=batch.plan.iteration, attempt=attempt, item=item,
-                workdir=record.workdir, env={**record.spec.env, **item.env}, resources=resources,
-                failure=batch.plan.failure, llm=record.spec.planner,
-            )
+            assignment = self._assignment(batch, item, attempt, env=env, resources=resources)
             kind = "item_queued" if attempt == 1 else "item_retried"
             await self._progress(task, batch.plan.iteration, kind, item_id=item.id, attempt=attempt,
                                  done=len(batch.results), total=len(batch.plan.items))
@@ -684,12 +731,26 @@ class Orchestrator:
         assert result is not None
         return result
 
+    @staticmethod
+    def _assignment(batch: _Batch, item: WorkItemSpec, attempt: int, *, env: dict[str, str],
+                    resources: ResourceSpec) -> WorkItemAssignment:
+        """One attempt of ``item``, built from parts that are validated already (the task
+        record, the plan, ``env`` merged from the two, the resources): not validated again."""
+        record = batch.record
+        return WorkItemAssignment.model_construct(
+            task_id=batch.task_id, iteration=batch.plan.iteration, attempt=attempt, item=item,
+            workdir=record.workdir, env=env, resources=resources, failure=batch.plan.failure,
+            llm=record.spec.planner,
+        )
+
     async def _send(self, assignment: WorkItemAssignment) -> WorkItemResult:
         """One attempt on whichever executor is free; ``busy`` replies are retried at once.
 
         If the executor that took the attempt dies (its heartbeat stops, or Ray restarts it
         with a new pid), the attempt's stored result is used when there is one, and it is
-        dispatched again otherwise (the same idempotency key: at least once).
+        dispatched again otherwise (the same idempotency key: at least once). After a NATS
+        reconnect the request is sent again as it was, since its reply may have been lost
+        with the old connection (executors answer a repeated key once).
         """
         item_timeout = assignment.item.timeout_s or self.config.default_timeout_s
         timeout = 2 * item_timeout + DISPATCH_SLACK_S
@@ -698,31 +759,29 @@ class Orchestrator:
         backoff = 0.001
         patience = time.monotonic() + NO_EXECUTOR_PATIENCE_S
         agent: str | None = None
+        again: _Running | None = None  # the request to send again as it was
         try:
             while True:
-                agent = self._pick_executor()
-                subject = (subjects.EXECUTOR_RUN if agent is None
-                           else subjects.executor_run(self._hive_id, agent))
-                request = asyncio.ensure_future(self.bus.call(
-                    subject, assignment, WorkItemResult, timeout=timeout))
-                watch = asyncio.ensure_future(self._executor_lost(key))
+                if again is None:
+                    agent = self._pick_executor()
+                running = self._request(key, assignment, agent, timeout=timeout, like=again)
+                again = None
                 try:
-                    await asyncio.wait({request, watch}, return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    watch.cancel()
-                if not request.done():
-                    request.cancel()
-                    await asyncio.gather(request, return_exceptions=True)
+                    return await running.request
+                except asyncio.CancelledError:
+                    if not running.lost or _cancelled_from_outside():
+                        raise
+                    if running.lost == "reconnect":
+                        log.info("request sent again after a reconnect", key=key, epoch=self.bus.epoch)
+                        again = running
+                        continue
                     self._release_executor(agent)
                     agent = None
-                    lost = self._started.pop(key, ("?", 0))[0]
                     stored = await self._stored_result(assignment)
                     if stored is not None:
                         return stored
-                    log.warning("executor lost; dispatching the item again", key=key, agent=lost)
+                    log.warning("executor lost; dispatching the item again", key=key, agent=running.agent)
                     continue
-                try:
-                    return request.result()
                 except RequestRejected as exc:
                     if exc.code != "busy":
                         return self._error_result(assignment, exc.message)
@@ -730,18 +789,49 @@ class Orchestrator:
                         self._executors.remove(agent)
                         self._executors.append(agent)
                 except TransportError as exc:
+                    if not self.bus.nc.is_connected and await self._connected_again():
+                        again = running
+                        continue
                     if "nobody is serving" not in str(exc) or time.monotonic() > patience:
                         return self._error_result(assignment, str(exc))
                     if agent is not None:  # restarting: the queue group finds another
                         continue
                 finally:
-                    self._release_executor(agent)
-                    agent = None
+                    if self._running.get(key) is running:
+                        del self._running[key]
+                    if again is None:
+                        self._release_executor(agent)
+                        agent = None
                 await asyncio.sleep(backoff)
                 backoff = min(backoff * 2, 0.05)
         finally:
             self._release_executor(agent)
-            self._started.pop(key, None)
+
+    def _request(self, key: str, assignment: WorkItemAssignment, agent: str | None, *,
+                 timeout: float, like: _Running | None) -> _Running:
+        """Send one request for an attempt, to ``agent`` or to the queue group, and let the
+        watchdog see it. ``like``: the same request sent before a reconnect."""
+        subject = (subjects.EXECUTOR_RUN if agent is None
+                   else subjects.executor_run(self._hive_id, agent))
+        request = asyncio.get_running_loop().create_task(
+            self.bus.request(subject, assignment, WorkItemResult, timeout=timeout))
+        running = _Running(request=request, epoch=self.bus.epoch)
+        if like is not None:
+            running.agent, running.pid = like.agent, like.pid
+        elif agent is not None:
+            running.agent, running.pid = agent, self._heartbeats.get(agent, (0, 0.0))[0]
+        self._running[key] = running
+        return running
+
+    async def _connected_again(self) -> bool:
+        """Wait while NATS is away; False if it stays away longer than the bus retries."""
+        deadline = time.monotonic() + RETRY_PATIENCE_S
+        nc = self.bus.nc
+        while not nc.is_connected:
+            if nc.is_closed or time.monotonic() > deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
 
     def _pick_executor(self) -> str | None:
         """An executor of this hive that is neither working for us nor silent, taken."""
@@ -758,20 +848,39 @@ class Orchestrator:
         if agent is not None:
             self._assigned.discard(agent)
 
-    async def _executor_lost(self, key: str) -> None:
-        """Return when the executor running attempt ``key`` stopped beating or restarted."""
+    # -- the watchdog: one for every running attempt ------------------------------
+
+    async def _watchdog(self) -> None:
         while True:
-            await asyncio.sleep(0.5)
-            started = self._started.get(key)
-            if started is None:
+            await asyncio.sleep(WATCHDOG_INTERVAL_S)
+            self._check_attempts(time.monotonic())
+
+    async def _resend_after_reconnects(self) -> None:
+        while True:
+            await self.bus.reconnected()
+            self._check_attempts(time.monotonic())
+
+    def _check_attempts(self, now: float) -> list[str]:
+        """Cancel the request of every attempt whose executor stopped beating or came back
+        with another pid, or that was sent before the last reconnect; its ``_send`` then
+        decides what comes next. Returns their keys."""
+        interrupted = []
+        epoch = self.bus.epoch
+        for key, running in self._running.items():
+            if running.request.done():
                 continue
-            agent, pid = started
-            beat = self._heartbeats.get(agent)
-            if beat is None:
-                continue
-            beat_pid, seen = beat
-            if (pid and beat_pid != pid) or time.monotonic() - seen > HEARTBEAT_TIMEOUT_S:
-                return
+            lost = ""
+            if running.epoch != epoch:
+                lost = "reconnect"
+            elif running.agent is not None:
+                beat = self._heartbeats.get(running.agent)
+                if beat is not None and ((running.pid and beat[0] != running.pid)
+                                         or now - beat[1] > HEARTBEAT_TIMEOUT_S):
+                    lost = "executor"
+            if lost and running.request.cancel():
+                running.lost = lost
+                interrupted.append(key)
+        return interrupted
 
     async def _stored_result(self, assignment: WorkItemAssignment) -> WorkItemResult | None:
         """The result an executor stored for exactly this attempt, if any."""
@@ -824,7 +933,7 @@ class Orchestrator:
             return
         record = transition(task.record, state, now=utcnow(), exit_reason=exit_reason, message=message)
         artifacts = task.artifacts
-        artifacts.ensure_all()
+        await asyncio.to_thread(artifacts.ensure_all)  # what was written behind, too
         data = report_data(record, list(artifacts.latest.values()))
         report_json, report_md = artifacts.path("report.json"), artifacts.path("report.md")
         report_json.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
@@ -852,6 +961,12 @@ class Orchestrator:
         """The task's events as stored in HIVEBUS_EVENTS, one JSON line each, oldest first."""
         async for subject, body in self.bus.stored_events(subjects.task_events(task_id)):
             yield json.dumps({"subject": subject, **body}, separators=(",", ":"))
+
+
+def _cancelled_from_outside() -> bool:
+    """Whether the current task itself is being cancelled (not only a request it awaits)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 __all__ = ["Orchestrator", "new_task_id"]
