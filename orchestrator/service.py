@@ -55,7 +55,9 @@ from schemas import (
     UsageEvent,
     VerifyRequest,
     WorkItemAssignment,
+    WorkItemBatch,
     WorkItemResult,
+    WorkItemResults,
     WorkItemSpec,
     FailureContext,
     dag_problems,
@@ -84,6 +86,13 @@ NO_EXECUTOR_PATIENCE_S = 120.0
 #: An executor whose usage samples (one a second) stop for this long, or that comes
 #: back with another pid, has lost the item it was running: it is dispatched again.
 HEARTBEAT_TIMEOUT_S = 3.5
+#: Items of a task whose runs average less than this go to executors in batches, one
+#: request carrying up to MAX_BATCH_ITEMS of them, sized to take about BATCH_TARGET_S.
+BATCH_ITEM_S = 0.02
+BATCH_TARGET_S = 0.05
+MAX_BATCH_ITEMS = 64
+#: Only these kinds are batched: a prompt waits on an LLM, a subtask on a whole task.
+BATCHABLE_KINDS = frozenset({"shell", "call"})
 #: How often the watchdog looks at the heartbeats of the executors running attempts.
 WATCHDOG_INTERVAL_S = 0.5
 #: How long a changed artifact may wait before it is written (see TaskArtifacts).
@@ -111,6 +120,16 @@ class _Batch:
     record: TaskRecord
     done: asyncio.Future[None]
     results: dict[str, WorkItemResult] = field(default_factory=dict)
+    #: Moving average of its items' run times (s), once one has finished.
+    item_s: float | None = None
+
+    def per_request(self, ready: int, slots: int) -> int:
+        """How many items one request to one executor should carry: one, unless the
+        items are known to be short and there are more ready than free executors."""
+        if self.item_s is None or self.item_s > BATCH_ITEM_S or ready <= slots:
+            return 1
+        fits = int(BATCH_TARGET_S / max(self.item_s, 1e-4))
+        return max(1, min(MAX_BATCH_ITEMS, fits, -(-ready // slots)))
 
 
 @dataclass(eq=False)
@@ -620,12 +639,17 @@ class Orchestrator:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            free = self.capacity - self.in_flight
-            if free <= 0:
-                continue
-            for ready in self.scheduler.take(free):
+            loop = asyncio.get_running_loop()
+            while self.in_flight < self.capacity and (key := self.scheduler.best_key()) is not None:
+                batch = self._batches.get(key)
+                per = 1 if batch is None else batch.per_request(
+                    self.scheduler.ready_count, self.capacity - self.in_flight)
+                taken = self.scheduler.take_same(per)
                 self.in_flight += 1
-                asyncio.get_running_loop().create_task(self._dispatch(ready.key, ready.item))
+                if len(taken) == 1:
+                    loop.create_task(self._dispatch(key, taken[0].item))
+                else:
+                    loop.create_task(self._dispatch_many(key, [r.item for r in taken]))
 
     async def _dispatch(self, key: Hashable, item: WorkItemSpec) -> None:
         holds_slot = True
@@ -646,8 +670,82 @@ class Orchestrator:
             if holds_slot:
                 self.in_flight -= 1
             self._wake.set()
-        if self._batches.get(key) is not batch:
+        await self._finished(key, batch, item, result)
+
+    async def _dispatch_many(self, key: Hashable, items: list[WorkItemSpec]) -> None:
+        """Several short items of one batch in one slot: the batchable ones in one
+        request to one executor, the rest (and retries) one after the other."""
+        batch = self._batches.get(key)
+        done: list[tuple[WorkItemSpec, WorkItemResult]] = []
+        try:
+            if batch is None:
+                return
+            together = [i for i in items if i.kind in BATCHABLE_KINDS]
+            results = await self._attempt_together(batch, together) if len(together) > 1 else {}
+            for item in items:
+                result = results.get(item.id)
+                if result is not None and not result.ok and result.status not in (
+                        "canceled", "resource_limit") and item.retries:
+                    result = await self._attempts(batch, item, first=2)
+                elif result is None:
+                    result = await self._attempts(batch, item)
+                done.append((item, result))
+        finally:
+            self.in_flight -= 1
+            self._wake.set()
+        for item, result in done:
+            await self._finished(key, batch, item, result)
+
+    async def _attempt_together(self, batch: _Batch, items: list[WorkItemSpec]) -> dict[str, WorkItemResult]:
+        """First attempts of ``items`` as one WorkItemBatch to one idle executor of this
+        hive; {} when there is none or the batch did not come back (each item is then
+        sent on its own, with the same idempotency key)."""
+        agent = self._pick_executor()
+        if agent is None:
+            return {}
+        task = self.tasks[batch.task_id]
+        assignments = [self._assignment(batch, item, 1, env={**batch.record.spec.env, **item.env},
+                                        resources=self._resources(item)) for item in items]
+        now = time.monotonic()
+        for assignment in assignments:
+            self._sent_at.setdefault(assignment.idempotency_key, now)
+            await self._progress(task, batch.plan.iteration, "item_queued", item_id=assignment.item.id,
+                                 attempt=1, done=len(batch.results), total=len(batch.plan.items))
+        timeout = sum(a.item.timeout_s or self.config.default_timeout_s for a in assignments) + DISPATCH_SLACK_S
+        key = f"batch:{assignments[0].idempotency_key}"
+        request = asyncio.get_running_loop().create_task(self.bus.request(
+            subjects.executor_batch(self._hive_id, agent), WorkItemBatch.model_construct(assignments=assignments),
+            WorkItemResults, timeout=timeout))
+        running = self._running[key] = _Running(request=request, epoch=self.bus.epoch, agent=agent,
+                                                pid=self._heartbeats.get(agent, (0, 0.0))[0])
+        try:
+            reply = await request
+        except asyncio.CancelledError:
+            if not running.lost or _cancelled_from_outside():
+                raise
+            log.warning("executor lost with a batch; its items are sent one by one", agent=agent,
+                        items=len(items), why=running.lost)
+            return {}
+        except (RequestRejected, TransportError) as exc:
+            log.info("batch not taken; its items are sent one by one", agent=agent, error=str(exc))
+            return {}
+        finally:
+            if self._running.get(key) is running:
+                del self._running[key]
+            self._release_executor(agent)
+        wanted = {a.item.id for a in assignments}
+        found = {r.item_id: r for r in reply.results if r.item_id in wanted and r.attempt == 1}
+        for result in found.values():
+            task.artifacts.add_result(result)
+        return found
+
+    async def _finished(self, key: Hashable, batch: _Batch | None, item: WorkItemSpec,
+                        result: WorkItemResult) -> None:
+        """What follows an item's end: its result recorded, progress, dependents freed."""
+        if batch is None or self._batches.get(key) is not batch:
             return  # the task ended (canceled, deadline) while the item ran
+        if item.kind in BATCHABLE_KINDS and result.status != "skipped":
+            batch.item_s = result.duration_s if batch.item_s is None else 0.8 * batch.item_s + 0.2 * result.duration_s
         task = self.tasks[batch.task_id]
         batch.results[item.id] = result
         task.results.append(result)
@@ -709,17 +807,20 @@ class Orchestrator:
             agent_id="orchestrator",
         )
 
-    async def _attempts(self, batch: _Batch, item: WorkItemSpec) -> WorkItemResult:
-        task = self.tasks[batch.task_id]
-        record = batch.record
+    def _resources(self, item: WorkItemSpec) -> ResourceSpec:
         pool = self.config.executor
-        resources = ResourceSpec(
+        return ResourceSpec(
             cpu=item.resources.cpu or pool.cpu, memory_mb=item.resources.memory_mb or pool.memory_mb,
             cpu_seconds=item.resources.cpu_seconds, max_procs=item.resources.max_procs,
         )
+
+    async def _attempts(self, batch: _Batch, item: WorkItemSpec, *, first: int = 1) -> WorkItemResult:
+        task = self.tasks[batch.task_id]
+        record = batch.record
+        resources = self._resources(item)
         env = {**record.spec.env, **item.env}
         result: WorkItemResult | None = None
-        for attempt in range(1, item.retries + 2):
+        for attempt in range(first, item.retries + 2):
             assignment = self._assignment(batch, item, attempt, env=env, resources=resources)
             kind = "item_queued" if attempt == 1 else "item_retried"
             await self._progress(task, batch.plan.iteration, kind, item_id=item.id, attempt=attempt,
