@@ -78,6 +78,7 @@ class ExecutorCore:
         #: The warm call runner of the latest call item, kept for the task's next one.
         self._warm: WarmRunner | None = None
         self._warm_idle: asyncio.TimerHandle | None = None
+        self._closing: set[asyncio.Task[int | None]] = set()  # runners being stopped
 
     @property
     def running(self) -> list[str]:
@@ -98,14 +99,21 @@ class ExecutorCore:
 
     async def close(self) -> None:
         """Stop the warm runner, if there is one (the executor is stopping)."""
+        if self._warm_idle is not None:
+            self._warm_idle.cancel()
         runner, self._warm = self._warm, None
         if runner is not None:
             await runner.close()
+        if self._closing:
+            await asyncio.wait(self._closing)
 
     def _stop_warm(self) -> None:
         runner, self._warm = self._warm, None
         if runner is not None:
-            asyncio.get_running_loop().create_task(runner.close())
+            # Held until done: the loop keeps only a weak reference to a task.
+            closing = asyncio.get_running_loop().create_task(runner.close())
+            self._closing.add(closing)
+            closing.add_done_callback(self._closing.discard)
 
     async def _warm_runner(self, assignment: WorkItemAssignment, limits: Limits,
                            env: dict[str, str]) -> WarmRunner:
